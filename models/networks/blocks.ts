@@ -1,0 +1,82 @@
+/**
+ * Blocks shared by the UNet and the VAE: diffusers' `Attention` (with the classic `AttnProcessor`)
+ * and `ResnetBlock2D`. Parameter names are the checkpoint's local names.
+ *
+ * Reference: diffusers v0.24.0,
+ * https://github.com/huggingface/diffusers/blob/v0.24.0/src/diffusers/models/attention_processor.py
+ * https://github.com/huggingface/diffusers/blob/v0.24.0/src/diffusers/models/resnet.py
+ */
+import type { Value } from '../onnx/builder.ts';
+import type { Ops } from '../onnx/ops.ts';
+import { conv2d, groupNorm, linear } from './layers.ts';
+
+/** Receives the attention probabilities of a module that was asked for. */
+export type AttentionProbsTap = (probs: Value) => void;
+
+export interface AttentionOptions {
+  readonly queryDim: number;
+  /** Width of the key/value source: `cross_attention_dim` for attn2, `queryDim` for self-attention. */
+  readonly kvDim: number;
+  readonly heads: number;
+  readonly dimHead: number;
+  /** Bias on to_q/to_k/to_v (`bias=` in diffusers; false in the UNet, true in the VAE). */
+  readonly qkvBias: boolean;
+  readonly tap?: AttentionProbsTap;
+}
+
+/**
+ * `Attention` + `AttnProcessor`: softmax(q·kᵀ·dimHead^-½)·v per head, then `to_out.0`.
+ * x (B, N, queryDim), context (B, M, kvDim) or undefined for self-attention → (B, N, queryDim).
+ * The tap, when set, receives the probabilities as (B·heads, N, M), row b·heads + h, as diffusers'
+ * `get_attention_scores` returns them.
+ */
+export function attention(g: Ops, x: Value, context: Value | undefined, o: AttentionOptions): Value {
+  const inner = o.heads * o.dimHead;
+  const kvSource = context ?? x;
+  const q = linear(g, 'to_q', x, o.queryDim, inner, { bias: o.qkvBias });
+  const k = linear(g, 'to_k', kvSource, o.kvDim, inner, { bias: o.qkvBias });
+  const v = linear(g, 'to_v', kvSource, o.kvDim, inner, { bias: o.qkvBias });
+  const splitHeads = [0, 0, o.heads, o.dimHead];
+  const qh = g.transpose(g.reshape(q, splitHeads), [0, 2, 1, 3]); // (B, N, h·d) → (B, h, N, d)
+  const kt = g.transpose(g.reshape(k, splitHeads), [0, 2, 3, 1]); // (B, M, h·d) → (B, h, d, M)
+  const vh = g.transpose(g.reshape(v, splitHeads), [0, 2, 1, 3]); // (B, M, h·d) → (B, h, M, d)
+  // diffusers scales after the product (baddbmm with alpha = scale).
+  const scores = g.mul(g.matmul(qh, kt), g.scalar(o.dimHead ** -0.5)); // (B, h, N, M)
+  const probs = g.softmax(scores, { dim: -1 });
+  if (o.tap !== undefined) {
+    // (B, h, N, M) → (B·h, N, M)
+    o.tap(g.reshape(probs, g.concat([g.int64s([-1]), g.shape(probs, { start: 2 })], { dim: 0 })));
+  }
+  const out = g.reshape(g.transpose(g.matmul(probs, vh), [0, 2, 1, 3]), [0, 0, inner]); // (B, h, N, d) → (B, N, h·d)
+  return g.scope('to_out', () => linear(g, '0', out, inner, o.queryDim, { bias: true }));
+}
+
+export interface ResnetOptions {
+  readonly inChannels: number;
+  readonly outChannels: number;
+  /** Width of the time embedding, or undefined for the VAE's resnets (no `time_emb_proj`). */
+  readonly tembChannels: number | undefined;
+  readonly groups: number;
+  readonly eps: number;
+  readonly outputScaleFactor: number;
+}
+
+/**
+ * `ResnetBlock2D` (time_embedding_norm "default"):
+ * h = conv1(silu(norm1(x))) + time_emb_proj(silu(temb))[:, :, None, None];
+ * h = conv2(silu(norm2(h))); out = (shortcut(x) + h) / output_scale_factor.
+ * x (B, in, H, W), temb (B, T) → (B, out, H, W). `conv_shortcut` (1×1) exists iff in ≠ out.
+ */
+export function resnetBlock2D(g: Ops, x: Value, temb: Value | undefined, o: ResnetOptions): Value {
+  let h = g.silu(groupNorm(g, 'norm1', x, o.inChannels, { groups: o.groups, eps: o.eps }));
+  h = conv2d(g, 'conv1', h, o.inChannels, o.outChannels, { kernel: 3, padding: 1 });
+  if (temb !== undefined && o.tembChannels !== undefined) {
+    const t = linear(g, 'time_emb_proj', g.silu(temb), o.tembChannels, o.outChannels, { bias: true });
+    h = g.add(h, g.unsqueeze(t, [2, 3])); // (B, out) → (B, out, 1, 1)
+  }
+  h = g.silu(groupNorm(g, 'norm2', h, o.outChannels, { groups: o.groups, eps: o.eps }));
+  h = conv2d(g, 'conv2', h, o.outChannels, o.outChannels, { kernel: 3, padding: 1 });
+  const shortcut = o.inChannels !== o.outChannels ? conv2d(g, 'conv_shortcut', x, o.inChannels, o.outChannels, { kernel: 1 }) : x;
+  const out = g.add(shortcut, h);
+  return o.outputScaleFactor === 1 ? out : g.div(out, g.scalar(o.outputScaleFactor));
+}

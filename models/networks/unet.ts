@@ -1,0 +1,323 @@
+/**
+ * The SD 1.x/2.x UNet (`UNet2DConditionModel`), block by block as in diffusers, driven by its config.
+ * Scope paths are diffusers checkpoint keys (`down_blocks.1.attentions.0.transformer_blocks.0.attn2`).
+ *
+ * Reference: diffusers v0.24.0,
+ * https://github.com/huggingface/diffusers/blob/v0.24.0/src/diffusers/models/unet_2d_condition.py
+ * https://github.com/huggingface/diffusers/blob/v0.24.0/src/diffusers/models/unet_2d_blocks.py
+ * https://github.com/huggingface/diffusers/blob/v0.24.0/src/diffusers/models/transformer_2d.py
+ * https://github.com/huggingface/diffusers/blob/v0.24.0/src/diffusers/models/attention.py
+ * https://github.com/huggingface/diffusers/blob/v0.24.0/src/diffusers/models/embeddings.py
+ *
+ * Graph inputs: `sample` (B, C_in, h, w) float32, `timestep` (1 or B) float32 (fractional values
+ * are fine), `encoder_hidden_states` (B, 77·k, cross_attention_dim). Output: `noise_pred`.
+ * Any latent size works: each upsampler takes its output size from the matching skip connection.
+ */
+import type { Graph, Value } from '../onnx/builder.ts';
+import { Ops } from '../onnx/ops.ts';
+import { ModelError } from '../errors.ts';
+import { attention, resnetBlock2D } from './blocks.ts';
+import { conv2d, groupNorm, layerNorm, linear } from './layers.ts';
+import type { UnetConfig } from './config.ts';
+
+/** `get_timestep_embedding`'s max_period. */
+const TIMESTEP_MAX_PERIOD = 10000;
+/** Transformer2DModel's input GroupNorm eps (fixed in diffusers, unlike the resnets' `norm_eps`). */
+const TRANSFORMER_NORM_EPS = 1e-6;
+/** BasicTransformerBlock LayerNorm eps (diffusers default `norm_eps`). */
+const TRANSFORMER_LAYER_NORM_EPS = 1e-5;
+/** FeedForward `mult`. */
+const FEED_FORWARD_MULT = 4;
+/** TimestepEmbedding width = 4 × block_out_channels[0]. */
+const TIME_EMBED_MULT = 4;
+
+export interface UnetBuildOptions {
+  /** Attention modules whose probabilities become outputs `attn_probs.<module>` (B·heads, N, M). */
+  readonly attentionProbs?: readonly string[];
+  /** Add `debug.<stage>` outputs (time_proj, time_embedding, conv_in, each block, conv_norm_out). */
+  readonly debugOutputs?: boolean;
+}
+
+interface Ctx {
+  readonly g: Ops;
+  readonly c: UnetConfig;
+  readonly temb: Value;
+  readonly tembChannels: number;
+  readonly context: Value;
+  readonly taps: Map<string, Value>;
+  readonly wanted: ReadonlySet<string>;
+}
+
+/** float32 arithmetic as torch does it for the frequency table. */
+const f32 = Math.fround;
+
+/**
+ * `Timesteps` → `get_timestep_embedding`: f_i = exp(−ln(max_period)·i / (half − shift)),
+ * emb = [sin(t·f), cos(t·f)], flipped to [cos, sin] when flip_sin_to_cos. t (B) → (B, dim).
+ * The frequency table is computed here in float32 steps, as diffusers computes it.
+ */
+function timesteps(g: Ops, t: Value, dim: number, flipSinToCos: boolean, shift: number): Value {
+  const half = Math.floor(dim / 2);
+  const freqs = new Float32Array(half);
+  const negLog = f32(-Math.log(TIMESTEP_MAX_PERIOD));
+  for (let i = 0; i < half; i++) freqs[i] = f32(Math.exp(f32(f32(negLog * i) / f32(half - shift))));
+  const args = g.mul(g.unsqueeze(t, [1]), g.floats([1, half], freqs)); // (B) → (B, half)
+  const sin = g.sin(args);
+  const cos = g.cos(args);
+  let emb = g.concat(flipSinToCos ? [cos, sin] : [sin, cos], { dim: 1 });
+  if (dim % 2 === 1) {
+    emb = g.concat([emb, g.mul(g.slice(emb, { starts: [0], ends: [1], axes: [1] }), g.scalar(0))], { dim: 1 });
+  }
+  return emb;
+}
+
+/** `TimestepEmbedding`: linear_1 → SiLU → linear_2. (B, C0) → (B, 4·C0) */
+function timestepEmbedding(g: Ops, x: Value, inChannels: number, timeEmbedDim: number): Value {
+  const h = g.silu(linear(g, 'linear_1', x, inChannels, timeEmbedDim, { bias: true }));
+  return linear(g, 'linear_2', h, timeEmbedDim, timeEmbedDim, { bias: true });
+}
+
+/** `GEGLU` + `FeedForward`: h, gate = net.0.proj(x).chunk(2); net.2(h · gelu(gate)). (B, N, dim) → (B, N, dim) */
+function feedForward(g: Ops, x: Value, dim: number): Value {
+  const inner = dim * FEED_FORWARD_MULT;
+  const projected = g.scope('net.0', () => linear(g, 'proj', x, dim, inner * 2, { bias: true }));
+  const [value, gate] = g.chunk(projected, 2, { dim: -1 });
+  // net.1 is Dropout (no parameters).
+  return g.scope('net', () => linear(g, '2', g.mul(value!, g.gelu(gate!)), inner, dim, { bias: true }));
+}
+
+/**
+ * `BasicTransformerBlock` (norm_type "layer_norm"): self-attention, cross-attention, GEGLU
+ * feed-forward, each pre-LayerNorm with a residual. (B, N, dim) → (B, N, dim)
+ */
+function basicTransformerBlock(ctx: Ctx, x: Value, dim: number, heads: number, crossDim: number, onlyCrossAttention: boolean): Value {
+  const { g } = ctx;
+  const dimHead = dim / heads;
+  const tapFor = (module: string) => {
+    const path = `${g.scopePath}.${module}`;
+    return ctx.wanted.has(path) ? (probs: Value) => void ctx.taps.set(path, probs) : undefined;
+  };
+  const tap1 = tapFor('attn1');
+  const tap2 = tapFor('attn2');
+  let h = x;
+  const n1 = layerNorm(g, 'norm1', h, dim, { eps: TRANSFORMER_LAYER_NORM_EPS });
+  const a1 = g.scope('attn1', () =>
+    onlyCrossAttention
+      ? attention(g, n1, ctx.context, { queryDim: dim, kvDim: crossDim, heads, dimHead, qkvBias: false, tap: tap1 })
+      : attention(g, n1, undefined, { queryDim: dim, kvDim: dim, heads, dimHead, qkvBias: false, tap: tap1 }),
+  );
+  h = g.add(a1, h);
+  const n2 = layerNorm(g, 'norm2', h, dim, { eps: TRANSFORMER_LAYER_NORM_EPS });
+  const a2 = g.scope('attn2', () => attention(g, n2, ctx.context, { queryDim: dim, kvDim: crossDim, heads, dimHead, qkvBias: false, tap: tap2 }));
+  h = g.add(a2, h);
+  const n3 = layerNorm(g, 'norm3', h, dim, { eps: TRANSFORMER_LAYER_NORM_EPS });
+  return g.add(g.scope('ff', () => feedForward(g, n3, dim)), h);
+}
+
+/**
+ * `Transformer2DModel` (continuous input): GroupNorm → proj_in (1×1 conv, or linear when
+ * use_linear_projection) → transformer blocks on (B, H·W, C) tokens → proj_out → + input.
+ * (B, C, H, W) → (B, C, H, W)
+ */
+function transformer2DModel(ctx: Ctx, x: Value, channels: number, heads: number, layers: number, crossDim: number, onlyCrossAttention: boolean): Value {
+  const { g, c } = ctx;
+  const inner = channels; // heads · (channels / heads)
+  const normed = groupNorm(g, 'norm', x, channels, { groups: c.normNumGroups, eps: TRANSFORMER_NORM_EPS });
+  let tokens: Value;
+  if (c.useLinearProjection) {
+    const flat = g.reshape(g.transpose(normed, [0, 2, 3, 1]), [0, -1, channels]); // (B, C, H, W) → (B, H·W, C)
+    tokens = linear(g, 'proj_in', flat, channels, inner, { bias: true });
+  } else {
+    const projected = conv2d(g, 'proj_in', normed, channels, inner, { kernel: 1 });
+    tokens = g.reshape(g.transpose(projected, [0, 2, 3, 1]), [0, -1, inner]); // (B, C, H, W) → (B, H·W, C)
+  }
+  for (let i = 0; i < layers; i++) {
+    tokens = g.scope(`transformer_blocks.${i}`, () => basicTransformerBlock(ctx, tokens, inner, heads, crossDim, onlyCrossAttention));
+  }
+  let out: Value;
+  if (c.useLinearProjection) {
+    const projected = linear(g, 'proj_out', tokens, inner, channels, { bias: true });
+    out = g.reshape(g.transpose(projected, [0, 2, 1]), g.shape(x)); // (B, H·W, C) → (B, C, H, W)
+  } else {
+    const grid = g.reshape(g.transpose(tokens, [0, 2, 1]), g.shape(x)); // (B, H·W, C) → (B, C, H, W)
+    out = conv2d(g, 'proj_out', grid, inner, channels, { kernel: 1 });
+  }
+  return g.add(out, x);
+}
+
+function resnet(ctx: Ctx, x: Value, inChannels: number, outChannels: number, outputScaleFactor = 1): Value {
+  const { c } = ctx;
+  return resnetBlock2D(ctx.g, x, ctx.temb, {
+    inChannels,
+    outChannels,
+    tembChannels: ctx.tembChannels,
+    groups: c.normNumGroups,
+    eps: c.normEps,
+    outputScaleFactor,
+  });
+}
+
+/** `Downsample2D` (use_conv): 3×3 conv, stride 2; padding 0 means F.pad(0, 1, 0, 1) first. */
+function downsample2D(ctx: Ctx, x: Value, channels: number): Value {
+  const p = ctx.c.downsamplePadding;
+  const padding = p === 0 ? ([0, 0, 1, 1] as const) : p;
+  return conv2d(ctx.g, 'conv', x, channels, channels, { kernel: 3, stride: 2, padding });
+}
+
+/** `Upsample2D` (use_conv): nearest to the skip's size (×2 when even), then 3×3 conv. */
+function upsample2D(ctx: Ctx, x: Value, channels: number, sizeOf: Value | undefined): Value {
+  const up = sizeOf === undefined ? ctx.g.interpolateNearest2x(x) : ctx.g.interpolateNearestLike(x, sizeOf);
+  return conv2d(ctx.g, 'conv', up, channels, channels, { kernel: 3, padding: 1 });
+}
+
+/**
+ * `CrossAttnDownBlock2D` / `DownBlock2D`: (resnet [+ transformer]) × layers, then the downsampler.
+ * Every layer output and the downsampler output are skip connections.
+ */
+function downBlock(ctx: Ctx, i: number, x: Value, inChannels: number, skips: Value[]): Value {
+  const { g, c } = ctx;
+  const out = c.blockOutChannels[i]!;
+  const withAttention = c.downBlockTypes[i] === 'CrossAttnDownBlock2D';
+  let h = x;
+  for (let j = 0; j < c.layersPerBlock[i]!; j++) {
+    h = g.scope(`resnets.${j}`, () => resnet(ctx, h, j === 0 ? inChannels : out, out));
+    if (withAttention) {
+      h = g.scope(`attentions.${j}`, () =>
+        transformer2DModel(ctx, h, out, c.numAttentionHeads[i]!, c.transformerLayersPerBlock[i]!, c.crossAttentionDim[i]!, c.onlyCrossAttention[i]!),
+      );
+    }
+    skips.push(h);
+  }
+  if (i < c.blockOutChannels.length - 1) {
+    h = g.scope('downsamplers.0', () => downsample2D(ctx, h, out));
+    skips.push(h);
+  }
+  return h;
+}
+
+/** `UNetMidBlock2DCrossAttn`: resnet, then (transformer, resnet) × transformer layers. */
+function midBlock(ctx: Ctx, x: Value): Value {
+  const { g, c } = ctx;
+  const last = c.blockOutChannels.length - 1;
+  const ch = c.blockOutChannels[last]!;
+  let h = g.scope('resnets.0', () => resnet(ctx, x, ch, ch, c.midBlockScaleFactor));
+  h = g.scope('attentions.0', () =>
+    transformer2DModel(ctx, h, ch, c.numAttentionHeads[last]!, c.transformerLayersPerBlock[last]!, c.crossAttentionDim[last]!, false),
+  );
+  return g.scope('resnets.1', () => resnet(ctx, h, ch, ch, c.midBlockScaleFactor));
+}
+
+/**
+ * `CrossAttnUpBlock2D` / `UpBlock2D` i (counted from the bottom): each layer concatenates the
+ * latest skip ([hidden, skip] on channels), runs resnet [+ transformer]; then the upsampler, sized
+ * like the next skip on the stack.
+ */
+function upBlock(ctx: Ctx, i: number, x: Value, prevOutputChannels: number, skips: Value[]): Value {
+  const { g, c } = ctx;
+  const n = c.blockOutChannels.length;
+  const rev = n - 1 - i; // the down block this up block mirrors
+  const out = c.blockOutChannels[rev]!;
+  const input = c.blockOutChannels[Math.max(rev - 1, 0)]!;
+  const layers = c.layersPerBlock[rev]! + 1;
+  const withAttention = c.upBlockTypes[i] === 'CrossAttnUpBlock2D';
+  let h = x;
+  for (let j = 0; j < layers; j++) {
+    const skip = skips.pop();
+    g.check(skip !== undefined, 'ran out of skip connections (down and up block layer counts disagree)');
+    const skipChannels = j === layers - 1 ? input : out;
+    const resnetIn = j === 0 ? prevOutputChannels : out;
+    h = g.concat([h, skip], { dim: 1 }); // (B, resnetIn + skip, H, W)
+    h = g.scope(`resnets.${j}`, () => resnet(ctx, h, resnetIn + skipChannels, out));
+    if (withAttention) {
+      h = g.scope(`attentions.${j}`, () =>
+        transformer2DModel(ctx, h, out, c.numAttentionHeads[rev]!, c.transformerLayersPerBlock[rev]!, c.crossAttentionDim[rev]!, c.onlyCrossAttention[rev]!),
+      );
+    }
+  }
+  if (i < n - 1) {
+    const next = skips[skips.length - 1];
+    h = g.scope('upsamplers.0', () => upsample2D(ctx, h, out, next));
+  }
+  return h;
+}
+
+/** Build the UNet graph for `config`. Throws GRAPH_BUILD for unknown tap names. */
+export function buildUnetGraph(config: UnetConfig, options: UnetBuildOptions = {}): Graph {
+  const g = new Ops('unet');
+  const c = config;
+  const crossDim = c.crossAttentionDim[0]!;
+  if (!c.crossAttentionDim.every((d) => d === crossDim)) {
+    throw new ModelError('UNSUPPORTED_ARCHITECTURE', `per-block cross_attention_dim ${JSON.stringify(c.crossAttentionDim)} is not supported (one text-embedding width expected)`);
+  }
+  const sample = g.input('sample', 'float32', ['batch', c.inChannels, 'height', 'width']);
+  const timestep = g.input('timestep', 'float32', ['timestep_batch']);
+  const context = g.input('encoder_hidden_states', 'float32', ['batch', 'sequence', crossDim]);
+  const debug = (name: string, v: Value) => {
+    if (options.debugOutputs === true) g.output(g.identity(v), `debug.${name}`, 'float32', undefined);
+  };
+
+  // 1. time: sinusoidal projection, then the MLP.
+  const c0 = c.blockOutChannels[0]!;
+  const tembChannels = c0 * TIME_EMBED_MULT;
+  const tProj = timesteps(g, timestep, c0, c.flipSinToCos, c.freqShift);
+  const temb = g.scope('time_embedding', () => timestepEmbedding(g, tProj, c0, tembChannels));
+  debug('time_proj', tProj);
+  debug('time_embedding', temb);
+
+  const wanted = new Set(options.attentionProbs ?? []);
+  const ctx: Ctx = { g, c, temb, tembChannels, context, taps: new Map(), wanted };
+
+  // 2. conv_in; its output is the first skip.
+  let h = conv2d(g, 'conv_in', sample, c.inChannels, c0, { kernel: 3, padding: 1 });
+  debug('conv_in', h);
+  const skips: Value[] = [h];
+
+  // 3. down path.
+  let channels = c0;
+  for (let i = 0; i < c.blockOutChannels.length; i++) {
+    const inCh = channels;
+    h = g.scope(`down_blocks.${i}`, () => downBlock(ctx, i, h, inCh, skips));
+    channels = c.blockOutChannels[i]!;
+    debug(`down_blocks.${i}`, h);
+  }
+
+  // 4. mid.
+  h = g.scope('mid_block', () => midBlock(ctx, h));
+  debug('mid_block', h);
+
+  // 5. up path, popping skips.
+  for (let i = 0; i < c.upBlockTypes.length; i++) {
+    const prev = channels;
+    h = g.scope(`up_blocks.${i}`, () => upBlock(ctx, i, h, prev, skips));
+    channels = c.blockOutChannels[c.blockOutChannels.length - 1 - i]!;
+    debug(`up_blocks.${i}`, h);
+  }
+  g.check(skips.length === 0, `${skips.length} skip connections left unused`);
+
+  // 6. out: GroupNorm → SiLU → conv.
+  const normed = groupNorm(g, 'conv_norm_out', h, c0, { groups: c.normNumGroups, eps: c.normEps });
+  debug('conv_norm_out', normed);
+  const noisePred = conv2d(g, 'conv_out', g.silu(normed), c0, c.outChannels, { kernel: 3, padding: 1 });
+  g.output(noisePred, 'noise_pred', 'float32', ['batch', c.outChannels, 'height', 'width']);
+
+  for (const module of wanted) {
+    const probs = ctx.taps.get(module);
+    if (probs === undefined) {
+      throw new ModelError('GRAPH_BUILD', `attention tap ${module}: no such attention module in this UNet`, { module });
+    }
+    g.output(probs, `attn_probs.${module}`, 'float32', ['batch_heads', 'queries', 'keys']);
+  }
+  return g.finish();
+}
+
+/** Every attention module path of a UNet config, in graph order (for callers choosing taps). */
+export function listAttentionModules(config: UnetConfig): string[] {
+  const g = buildUnetGraph(config);
+  const out = new Set<string>();
+  for (const p of g.params) {
+    const m = /^(.*\.attn[12])\.to_q\.weight$/.exec(p.name);
+    if (m !== null) out.add(m[1]!);
+  }
+  return [...out];
+}
+
