@@ -221,8 +221,9 @@ export function parseClipTextConfig(raw: unknown, source: string): ClipTextConfi
   if (Array.isArray(arch) && arch.some((a) => typeof a === 'string' && a !== 'CLIPTextModel' && a !== 'CLIPTextModelWithProjection')) {
     f.refuseUnless('architectures', [], 'Chorus runs CLIP text encoders (CLIPTextModel).');
   }
-  const hiddenAct = f.str('hidden_act', 'quick_gelu');
-  if (hiddenAct !== 'quick_gelu' && hiddenAct !== 'gelu') f.refuseUnless('hidden_act', [], 'supported activations are quick_gelu and gelu.');
+  const act = f.str('hidden_act', 'quick_gelu');
+  if (act !== 'quick_gelu' && act !== 'gelu') f.refuseUnless('hidden_act', [], 'supported activations are quick_gelu and gelu.');
+  const hiddenAct: ClipTextConfig['hiddenAct'] = act === 'gelu' ? 'gelu' : 'quick_gelu';
   const hiddenSize = f.int('hidden_size', 512, 1);
   const numAttentionHeads = f.int('num_attention_heads', 8, 1);
   if (hiddenSize % numAttentionHeads !== 0) {

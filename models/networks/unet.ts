@@ -223,7 +223,7 @@ function upBlock(ctx: Ctx, i: number, x: Value, prevOutputChannels: number, skip
   let h = x;
   for (let j = 0; j < layers; j++) {
     const skip = skips.pop();
-    g.check(skip !== undefined, 'ran out of skip connections (down and up block layer counts disagree)');
+    if (skip === undefined) throw new ModelError('GRAPH_BUILD', `${g.scopePath}: ran out of skip connections (down and up block layer counts disagree)`);
     const skipChannels = j === layers - 1 ? input : out;
     const resnetIn = j === 0 ? prevOutputChannels : out;
     h = g.concat([h, skip], { dim: 1 }); // (B, resnetIn + skip, H, W)
