@@ -13,11 +13,8 @@
  * `CLIPTextTransformer`)
  * https://github.com/huggingface/transformers/blob/v4.33.3/src/transformers/models/clip/modeling_clip.py
  */
-import { configFields, readPositiveInt } from './config-fields.ts';
+import type { ClipTextConfig } from '../networks/config.ts';
 import { LEAF_LAYERS, WEIGHT_ONLY, sameLayer, type LayerMapping, type ModuleMapping } from './module-map.ts';
-
-/** transformers `CLIPTextConfig` default, which is SD 1.x's CLIP ViT-L/14 text tower. */
-const DEFAULT_NUM_HIDDEN_LAYERS = 12;
 
 /** `CLIPTextEmbeddings`; its `position_ids` buffer is not a parameter (see `isIgnorableLdmKey`). */
 const EMBEDDING_LAYERS: readonly LayerMapping[] = [
@@ -38,20 +35,16 @@ const ENCODER_LAYER_LAYERS: readonly LayerMapping[] = [
 ];
 
 /**
- * The text encoder module map for a transformers CLIP text `config.json` (the parsed object; a
- * missing `num_hidden_layers` is 12). LDM paths are without `cond_stage_model.transformer.`.
- *
- * Throws `ModelError` BAD_CONFIG naming `source` and the field.
+ * The text encoder module map for a parsed CLIP text config (`parseClipTextConfig`). LDM paths are
+ * without `cond_stage_model.transformer.`.
  */
-export function textEncoderModuleMap(rawConfig: unknown, source = 'text encoder config'): ModuleMapping[] {
-  const config = configFields(rawConfig, source);
-  const layerCount = readPositiveInt(config, 'num_hidden_layers', DEFAULT_NUM_HIDDEN_LAYERS);
+export function textEncoderModuleMap(config: ClipTextConfig): ModuleMapping[] {
   const modules: ModuleMapping[] = [];
   const add = (path: string, kind: ModuleMapping['kind'], layers: readonly LayerMapping[]): void => {
     modules.push({ diffusers: `text_model.${path}`, ldm: `text_model.${path}`, kind, layers, legacyLdm: path });
   };
   add('embeddings', 'clip_embeddings', EMBEDDING_LAYERS);
-  for (let i = 0; i < layerCount; i++) add(`encoder.layers.${i}`, 'clip_encoder_layer', ENCODER_LAYER_LAYERS);
+  for (let i = 0; i < config.numHiddenLayers; i++) add(`encoder.layers.${i}`, 'clip_encoder_layer', ENCODER_LAYER_LAYERS);
   add('final_layer_norm', 'layer_norm', LEAF_LAYERS);
   return modules;
 }

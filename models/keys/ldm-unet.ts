@@ -14,80 +14,8 @@
  * up levels (one resnet more per level), with the upsampler appended to the level's last entry
  * (`.1`, or `.2` after a transformer). `middle_block` is resnet, transformer, resnet.
  */
-import {
-  configFields,
-  readBlockTypes,
-  readBoolean,
-  readClassName,
-  readPerBlockInt,
-  readPositiveIntList,
-  requireAbsent,
-  unsupported,
-  type ConfigFields,
-} from './config-fields.ts';
+import type { UnetConfig } from '../networks/config.ts';
 import { LEAF_LAYERS, WEIGHT_ONLY, renamedLayer, sameLayer, type LayerMapping, type ModuleMapping } from './module-map.ts';
-
-const CROSS_ATTN_DOWN = 'CrossAttnDownBlock2D';
-const PLAIN_DOWN = 'DownBlock2D';
-const CROSS_ATTN_UP = 'CrossAttnUpBlock2D';
-const PLAIN_UP = 'UpBlock2D';
-const CROSS_ATTN_MID = 'UNetMidBlock2DCrossAttn';
-type UnetDownBlockType = typeof CROSS_ATTN_DOWN | typeof PLAIN_DOWN;
-type UnetUpBlockType = typeof CROSS_ATTN_UP | typeof PLAIN_UP;
-
-/** The UNet config fields the key map depends on, resolved with diffusers' defaults (= SD 1.5). */
-interface UnetKeyConfig {
-  readonly block_out_channels: readonly number[];
-  readonly down_block_types: readonly UnetDownBlockType[];
-  readonly up_block_types: readonly UnetUpBlockType[];
-  /** Resnets per down block (up blocks have one more), one entry per down block. */
-  readonly layers_per_block: readonly number[];
-  /** BasicTransformerBlocks per Transformer2DModel, one entry per down block. */
-  readonly transformer_layers_per_block: readonly number[];
-}
-
-/** diffusers `UNet2DConditionModel.__init__` defaults (v0.24.0), which are SD 1.5's values. */
-const DEFAULT_BLOCK_OUT_CHANNELS = [320, 640, 1280, 1280] as const;
-const DEFAULT_DOWN_BLOCK_TYPES: readonly UnetDownBlockType[] = [CROSS_ATTN_DOWN, CROSS_ATTN_DOWN, CROSS_ATTN_DOWN, PLAIN_DOWN];
-const DEFAULT_UP_BLOCK_TYPES: readonly UnetUpBlockType[] = [PLAIN_UP, CROSS_ATTN_UP, CROSS_ATTN_UP, CROSS_ATTN_UP];
-const DEFAULT_LAYERS_PER_BLOCK = 2;
-const DEFAULT_TRANSFORMER_LAYERS_PER_BLOCK = 1;
-
-const SUPPORTED_UNETS = 'SD 1.x/2.x-style UNets (no class, addition or encoder-hidden-state embeddings)';
-
-function parseUnetKeyConfig(config: ConfigFields): UnetKeyConfig {
-  // Options that add modules the LDM layout maps elsewhere (label_emb, …) or not at all.
-  for (const field of [
-    'class_embed_type',
-    'num_class_embeds',
-    'addition_embed_type',
-    'encoder_hid_dim',
-    'encoder_hid_dim_type',
-    'time_cond_proj_dim',
-    'reverse_transformer_layers_per_block',
-  ]) {
-    requireAbsent(config, field, SUPPORTED_UNETS);
-  }
-  if (readBoolean(config, 'dual_cross_attention', false)) unsupported(config, 'dual_cross_attention', true, SUPPORTED_UNETS);
-  readClassName(config, 'mid_block_type', CROSS_ATTN_MID, [CROSS_ATTN_MID]);
-  readClassName(config, 'time_embedding_type', 'positional', ['positional']);
-  readClassName(config, 'attention_type', 'default', ['default']);
-
-  const blockOutChannels = readPositiveIntList(config, 'block_out_channels', DEFAULT_BLOCK_OUT_CHANNELS);
-  const levels = { count: blockOutChannels.length, of: 'block_out_channels' };
-  return {
-    block_out_channels: blockOutChannels,
-    down_block_types: readBlockTypes(config, 'down_block_types', DEFAULT_DOWN_BLOCK_TYPES, [CROSS_ATTN_DOWN, PLAIN_DOWN], levels),
-    up_block_types: readBlockTypes(config, 'up_block_types', DEFAULT_UP_BLOCK_TYPES, [CROSS_ATTN_UP, PLAIN_UP], levels),
-    layers_per_block: readPerBlockInt(config, 'layers_per_block', DEFAULT_LAYERS_PER_BLOCK, levels.count),
-    transformer_layers_per_block: readPerBlockInt(
-      config,
-      'transformer_layers_per_block',
-      DEFAULT_TRANSFORMER_LAYERS_PER_BLOCK,
-      levels.count,
-    ),
-  };
-}
 
 /**
  * ResnetBlock2D ↔ ResBlock. LDM keeps the layers in Sequentials whose other slots hold no
@@ -149,20 +77,16 @@ const UPSAMPLE_LAYERS: readonly LayerMapping[] = [sameLayer('conv')];
 
 function at(list: readonly number[], index: number): number {
   const value = list[index];
-  if (value === undefined) throw new Error(`internal: index ${index} outside a validated per-block list of ${list.length}`);
+  if (value === undefined) throw new Error(`internal: index ${index} outside a per-block list of ${list.length}`);
   return value;
 }
 
 /**
- * The UNet module map for a diffusers UNet `config.json` (the parsed object; missing fields take
- * diffusers' defaults, which are SD 1.5's). LDM paths are without `model.diffusion_model.`.
- *
- * Throws `ModelError` BAD_CONFIG (a field has the wrong type or length) or UNSUPPORTED_ARCHITECTURE
- * (a block type or option outside SD 1.x/2.x), naming `source` and the field.
+ * The UNet module map for a parsed UNet config (`parseUnetConfig` validates the `config.json` and
+ * fills diffusers' defaults). LDM paths are without `model.diffusion_model.`.
  */
-export function unetModuleMap(rawConfig: unknown, source = 'UNet config'): ModuleMapping[] {
-  const config = parseUnetKeyConfig(configFields(rawConfig, source));
-  const channels = config.block_out_channels;
+export function unetModuleMap(config: UnetConfig): ModuleMapping[] {
+  const channels = config.blockOutChannels;
   const levelCount = channels.length;
   const modules: ModuleMapping[] = [];
   const add = (diffusers: string, ldm: string, kind: ModuleMapping['kind'], layers: readonly LayerMapping[]): void => {
@@ -179,12 +103,12 @@ export function unetModuleMap(rawConfig: unknown, source = 'UNet config'): Modul
   for (let level = 0; level < levelCount; level++) {
     const block = `down_blocks.${level}`;
     const outWidth = at(channels, level);
-    const hasAttention = config.down_block_types[level] === CROSS_ATTN_DOWN;
-    for (let j = 0; j < at(config.layers_per_block, level); j++) {
+    const hasAttention = config.downBlockTypes[level] === 'CrossAttnDownBlock2D';
+    for (let j = 0; j < at(config.layersPerBlock, level); j++) {
       add(`${block}.resnets.${j}`, `input_blocks.${inputBlock}.0`, 'resnet', resnetLayers(width !== outWidth));
       width = outWidth;
       if (hasAttention) {
-        add(`${block}.attentions.${j}`, `input_blocks.${inputBlock}.1`, 'transformer', transformerLayers(at(config.transformer_layers_per_block, level)));
+        add(`${block}.attentions.${j}`, `input_blocks.${inputBlock}.1`, 'transformer', transformerLayers(at(config.transformerLayersPerBlock, level)));
       }
       inputBlock++;
     }
@@ -196,21 +120,21 @@ export function unetModuleMap(rawConfig: unknown, source = 'UNet config'): Modul
 
   // UNetMidBlock2DCrossAttn: resnet, transformer (depth of the deepest level), resnet; widths equal.
   add('mid_block.resnets.0', 'middle_block.0', 'resnet', resnetLayers(false));
-  add('mid_block.attentions.0', 'middle_block.1', 'transformer', transformerLayers(at(config.transformer_layers_per_block, levelCount - 1)));
+  add('mid_block.attentions.0', 'middle_block.1', 'transformer', transformerLayers(at(config.transformerLayersPerBlock, levelCount - 1)));
   add('mid_block.resnets.1', 'middle_block.2', 'resnet', resnetLayers(false));
 
   // Up path: diffusers' up_blocks.0 is the deepest level. Each resnet's input is the running width
   // plus the skip it concatenates: the skip of the level below for the last resnet, else this level's.
   const reversedChannels = [...channels].reverse();
-  const reversedLayers = [...config.layers_per_block].reverse();
-  const reversedDepth = [...config.transformer_layers_per_block].reverse();
+  const reversedLayers = [...config.layersPerBlock].reverse();
+  const reversedDepth = [...config.transformerLayersPerBlock].reverse();
   let outputBlock = 0;
   let prevWidth = at(reversedChannels, 0);
   for (let level = 0; level < levelCount; level++) {
     const block = `up_blocks.${level}`;
     const outWidth = at(reversedChannels, level);
     const skipWidthLast = at(reversedChannels, Math.min(level + 1, levelCount - 1));
-    const hasAttention = config.up_block_types[level] === CROSS_ATTN_UP;
+    const hasAttention = config.upBlockTypes[level] === 'CrossAttnUpBlock2D';
     const resnetCount = at(reversedLayers, level) + 1;
     for (let j = 0; j < resnetCount; j++) {
       const inWidth = (j === 0 ? prevWidth : outWidth) + (j === resnetCount - 1 ? skipWidthLast : outWidth);

@@ -13,40 +13,8 @@
  * diffusers `up_blocks.0` is the deepest level while LDM numbers `decoder.up` by resolution, so
  * `decoder.up_blocks.i` ↔ `decoder.up.(n-1-i)`.
  */
-import { configFields, readBlockTypes, readBoolean, readPositiveInt, readPositiveIntList, type ConfigFields } from './config-fields.ts';
-import { LEAF_LAYERS, renamedLayer, sameLayer, type LayerMapping, type ModuleMapping } from './module-map.ts';
-
-const DOWN_ENCODER = 'DownEncoderBlock2D';
-const UP_DECODER = 'UpDecoderBlock2D';
-
-/** The VAE config fields the key map depends on, resolved with diffusers' defaults. */
-interface VaeKeyConfig {
-  readonly block_out_channels: readonly number[];
-  /** Resnets per encoder level; decoder levels have one more. */
-  readonly layers_per_block: number;
-  readonly mid_block_add_attention: boolean;
-  readonly use_quant_conv: boolean;
-  readonly use_post_quant_conv: boolean;
-}
-
-/** diffusers `AutoencoderKL.__init__` defaults (a one-level toy VAE; SD configs set every field). */
-const DEFAULT_BLOCK_OUT_CHANNELS = [64] as const;
-const DEFAULT_LAYERS_PER_BLOCK = 1;
-
-function parseVaeKeyConfig(config: ConfigFields): VaeKeyConfig {
-  const blockOutChannels = readPositiveIntList(config, 'block_out_channels', DEFAULT_BLOCK_OUT_CHANNELS);
-  const levels = { count: blockOutChannels.length, of: 'block_out_channels' };
-  readBlockTypes(config, 'down_block_types', Array.from({ length: levels.count }, () => DOWN_ENCODER), [DOWN_ENCODER], levels);
-  readBlockTypes(config, 'up_block_types', Array.from({ length: levels.count }, () => UP_DECODER), [UP_DECODER], levels);
-  return {
-    block_out_channels: blockOutChannels,
-    layers_per_block: readPositiveInt(config, 'layers_per_block', DEFAULT_LAYERS_PER_BLOCK),
-    // Newer diffusers options; absent in SD 1.x/2.x configs, where they default to the SD layout.
-    mid_block_add_attention: readBoolean(config, 'mid_block_add_attention', true),
-    use_quant_conv: readBoolean(config, 'use_quant_conv', true),
-    use_post_quant_conv: readBoolean(config, 'use_post_quant_conv', true),
-  };
-}
+import type { VaeConfig } from '../networks/config.ts';
+import { LEAF_LAYERS, WEIGHT_AND_BIAS, renamedLayer, sameLayer, type LayerMapping, type ModuleMapping } from './module-map.ts';
 
 /** VAE ResnetBlock2D (no time embedding) ↔ ldm ResnetBlock: only the shortcut is renamed. */
 function vaeResnetLayers(hasShortcut: boolean): LayerMapping[] {
@@ -63,30 +31,27 @@ function vaeResnetLayers(hasShortcut: boolean): LayerMapping[] {
  */
 const VAE_ATTENTION_LAYERS: readonly LayerMapping[] = [
   renamedLayer('group_norm', 'norm'),
-  renamedLayer('to_q', 'q', undefined, { weightReshape: 'linear_to_conv1x1', legacyDiffusers: 'query' }),
-  renamedLayer('to_k', 'k', undefined, { weightReshape: 'linear_to_conv1x1', legacyDiffusers: 'key' }),
-  renamedLayer('to_v', 'v', undefined, { weightReshape: 'linear_to_conv1x1', legacyDiffusers: 'value' }),
-  renamedLayer('to_out.0', 'proj_out', undefined, { weightReshape: 'linear_to_conv1x1', legacyDiffusers: 'proj_attn' }),
+  renamedLayer('to_q', 'q', WEIGHT_AND_BIAS, { weightReshape: 'linear_to_conv1x1', legacyDiffusers: 'query' }),
+  renamedLayer('to_k', 'k', WEIGHT_AND_BIAS, { weightReshape: 'linear_to_conv1x1', legacyDiffusers: 'key' }),
+  renamedLayer('to_v', 'v', WEIGHT_AND_BIAS, { weightReshape: 'linear_to_conv1x1', legacyDiffusers: 'value' }),
+  renamedLayer('to_out.0', 'proj_out', WEIGHT_AND_BIAS, { weightReshape: 'linear_to_conv1x1', legacyDiffusers: 'proj_attn' }),
 ];
 
 const SAMPLER_LAYERS: readonly LayerMapping[] = [sameLayer('conv')];
 
 function at(list: readonly number[], index: number): number {
   const value = list[index];
-  if (value === undefined) throw new Error(`internal: index ${index} outside a validated list of ${list.length}`);
+  if (value === undefined) throw new Error(`internal: index ${index} outside a list of ${list.length}`);
   return value;
 }
 
 /**
- * The VAE module map for a diffusers VAE `config.json` (the parsed object; missing fields take
- * diffusers' defaults). LDM paths are without `first_stage_model.`.
- *
- * Throws `ModelError` BAD_CONFIG or UNSUPPORTED_ARCHITECTURE (a block type other than
- * DownEncoderBlock2D/UpDecoderBlock2D), naming `source` and the field.
+ * The VAE module map for a parsed VAE config (`parseVaeConfig` validates the `config.json`, fills
+ * diffusers' defaults and admits only DownEncoderBlock2D/UpDecoderBlock2D levels). LDM paths are
+ * without `first_stage_model.`.
  */
-export function vaeModuleMap(rawConfig: unknown, source = 'VAE config'): ModuleMapping[] {
-  const config = parseVaeKeyConfig(configFields(rawConfig, source));
-  const channels = config.block_out_channels;
+export function vaeModuleMap(config: VaeConfig): ModuleMapping[] {
+  const channels = config.blockOutChannels;
   const levelCount = channels.length;
   const modules: ModuleMapping[] = [];
   const add = (diffusers: string, ldm: string, kind: ModuleMapping['kind'], layers: readonly LayerMapping[]): void => {
@@ -95,7 +60,7 @@ export function vaeModuleMap(rawConfig: unknown, source = 'VAE config'): ModuleM
   // UNetMidBlock2D: resnet, attention, resnet at the deepest width (no shortcut).
   const addMidBlock = (side: 'encoder' | 'decoder'): void => {
     add(`${side}.mid_block.resnets.0`, `${side}.mid.block_1`, 'vae_resnet', vaeResnetLayers(false));
-    if (config.mid_block_add_attention) add(`${side}.mid_block.attentions.0`, `${side}.mid.attn_1`, 'vae_attention', VAE_ATTENTION_LAYERS);
+    if (config.midBlockAddAttention) add(`${side}.mid_block.attentions.0`, `${side}.mid.attn_1`, 'vae_attention', VAE_ATTENTION_LAYERS);
     add(`${side}.mid_block.resnets.1`, `${side}.mid.block_2`, 'vae_resnet', vaeResnetLayers(false));
   };
 
@@ -103,7 +68,7 @@ export function vaeModuleMap(rawConfig: unknown, source = 'VAE config'): ModuleM
   let width = at(channels, 0);
   for (let level = 0; level < levelCount; level++) {
     const outWidth = at(channels, level);
-    for (let j = 0; j < config.layers_per_block; j++) {
+    for (let j = 0; j < config.layersPerBlock; j++) {
       add(`encoder.down_blocks.${level}.resnets.${j}`, `encoder.down.${level}.block.${j}`, 'vae_resnet', vaeResnetLayers(width !== outWidth));
       width = outWidth;
     }
@@ -115,8 +80,8 @@ export function vaeModuleMap(rawConfig: unknown, source = 'VAE config'): ModuleM
   add('encoder.conv_norm_out', 'encoder.norm_out', 'group_norm', LEAF_LAYERS);
   add('encoder.conv_out', 'encoder.conv_out', 'conv', LEAF_LAYERS);
 
-  if (config.use_quant_conv) add('quant_conv', 'quant_conv', 'conv', LEAF_LAYERS);
-  if (config.use_post_quant_conv) add('post_quant_conv', 'post_quant_conv', 'conv', LEAF_LAYERS);
+  if (config.useQuantConv) add('quant_conv', 'quant_conv', 'conv', LEAF_LAYERS);
+  if (config.usePostQuantConv) add('post_quant_conv', 'post_quant_conv', 'conv', LEAF_LAYERS);
 
   add('decoder.conv_in', 'decoder.conv_in', 'conv', LEAF_LAYERS);
   addMidBlock('decoder');
@@ -125,7 +90,7 @@ export function vaeModuleMap(rawConfig: unknown, source = 'VAE config'): ModuleM
   for (let level = 0; level < levelCount; level++) {
     const ldmLevel = levelCount - 1 - level;
     const outWidth = at(reversedChannels, level);
-    for (let j = 0; j < config.layers_per_block + 1; j++) {
+    for (let j = 0; j < config.layersPerBlock + 1; j++) {
       add(`decoder.up_blocks.${level}.resnets.${j}`, `decoder.up.${ldmLevel}.block.${j}`, 'vae_resnet', vaeResnetLayers(width !== outWidth));
       width = outWidth;
     }

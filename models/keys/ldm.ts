@@ -2,7 +2,8 @@
  * Key conversion between the diffusers layout (canonical, STYLE §3) and the original LDM/CompVis
  * single-file checkpoint layout, for the UNet, the VAE and the CLIP text encoder.
  *
- * The maps are generated from the model config by walking its block structure (`ldm-unet.ts`,
+ * The maps are generated from the parsed model config (`models/networks/config.ts` validates the
+ * `config.json` and fills the reference defaults) by walking its block structure (`ldm-unet.ts`,
  * `ldm-vae.ts`, `ldm-text-encoder.ts`): a module map (which diffusers module is which LDM module) and,
  * per module kind, a table of local layer names. `LdmKeyMap` expands those to every parameter key
  * and indexes them both ways, checking that no two keys collide.
@@ -14,6 +15,7 @@
  *   (`model.diffusion_model.input_blocks.1.0.in_layers.2.weight`).
  * Module maps (`unetModuleMap`, …) give LDM paths *without* the prefix, the form kohya LoRA names use.
  */
+import type { ClipTextConfig, UnetConfig, VaeConfig } from '../networks/config.ts';
 import { textEncoderModuleMap } from './ldm-text-encoder.ts';
 import { unetModuleMap } from './ldm-unet.ts';
 import { vaeModuleMap } from './ldm-vae.ts';
@@ -134,22 +136,19 @@ export class LdmKeyMap {
     }
   }
 
-  /**
-   * For the parsed diffusers `unet/config.json`. Throws `ModelError` BAD_CONFIG /
-   * UNSUPPORTED_ARCHITECTURE naming `source` and the field (see `unetModuleMap`).
-   */
-  static forUnet(config: unknown, source?: string): LdmKeyMap {
-    return new LdmKeyMap('unet', unetModuleMap(config, source));
+  /** For a UNet config from `parseUnetConfig` (which rejects invalid or non-SD configs). */
+  static forUnet(config: UnetConfig): LdmKeyMap {
+    return new LdmKeyMap('unet', unetModuleMap(config));
   }
 
-  /** For the parsed diffusers `vae/config.json`. Throws as `vaeModuleMap`. */
-  static forVae(config: unknown, source?: string): LdmKeyMap {
-    return new LdmKeyMap('vae', vaeModuleMap(config, source));
+  /** For a VAE config from `parseVaeConfig`. */
+  static forVae(config: VaeConfig): LdmKeyMap {
+    return new LdmKeyMap('vae', vaeModuleMap(config));
   }
 
-  /** For the parsed transformers `text_encoder/config.json` (`{}` gives SD 1.x's 12 layers). Throws as `textEncoderModuleMap`. */
-  static forTextEncoder(config: unknown, source?: string): LdmKeyMap {
-    return new LdmKeyMap('text_encoder', textEncoderModuleMap(config, source));
+  /** For a CLIP text config from `parseClipTextConfig` (SD 1.x `FrozenCLIPEmbedder` layout only). */
+  static forTextEncoder(config: ClipTextConfig): LdmKeyMap {
+    return new LdmKeyMap('text_encoder', textEncoderModuleMap(config));
   }
 
   /** Number of parameter keys. */

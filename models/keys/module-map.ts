@@ -79,7 +79,7 @@ export interface LayerPathMapping {
   readonly weightReshape?: 'linear_to_conv1x1';
 }
 
-const WEIGHT_AND_BIAS: readonly ParamName[] = ['weight', 'bias'];
+export const WEIGHT_AND_BIAS: readonly ParamName[] = ['weight', 'bias'];
 export const WEIGHT_ONLY: readonly ParamName[] = ['weight'];
 
 /** A layer renamed between the layouts. */
