@@ -153,6 +153,11 @@ export function parseUnetConfig(raw: unknown, source: string): UnetConfig {
   f.refuseUnless('addition_embed_type', [null], `that is SDXL-style extra conditioning. ${SD_FAMILY}`);
   f.refuseUnless('class_embed_type', [null], `class-conditioned UNets are not supported. ${SD_FAMILY}`);
   f.refuseUnless('encoder_hid_dim', [null], `an encoder projection is not supported. ${SD_FAMILY}`);
+  f.refuseUnless('encoder_hid_dim_type', [null], `an encoder projection is not supported. ${SD_FAMILY}`);
+  f.refuseUnless('num_class_embeds', [null], `class-conditioned UNets are not supported. ${SD_FAMILY}`);
+  f.refuseUnless('time_cond_proj_dim', [null], `timestep-conditioned (LCM-distilled) UNets are not supported. ${SD_FAMILY}`);
+  f.refuseUnless('attention_type', [null, 'default'], `gated (GLIGEN) attention is not supported. ${SD_FAMILY}`);
+  f.refuseUnless('reverse_transformer_layers_per_block', [null], SD_FAMILY);
   f.refuseUnless('time_embedding_type', [null, 'positional'], SD_FAMILY);
   f.refuseUnless('resnet_time_scale_shift', [null, 'default'], SD_FAMILY);
   f.refuseUnless('act_fn', [null, 'silu'], SD_FAMILY);

@@ -186,7 +186,7 @@ export class GraphBuilder {
   }
 
   /** Build-time check that names the scope in its message. */
-  check(condition: boolean, message: string): asserts condition {
+  check(condition: boolean, message: string): void {
     if (!condition) throw new ModelError('GRAPH_BUILD', `${this.scopePath || this.name}: ${message}`, { scope: this.scopePath });
   }
 

@@ -1,0 +1,14 @@
+/**
+ * The public surface of `models/`: what `pipelines/`, `cli/` and `electron/` may import.
+ */
+export { ModelError, isModelError, type ModelErrorCode } from './errors.ts';
+export { type DType, type Tensor, numel, tensor, toFloat32 } from './tensor.ts';
+export { SafetensorsFile, openSafetensors, writeSafetensors, encodeSafetensors, type TensorInfo } from './safetensors.ts';
+export { ClipTokenizer } from './tokenizer/clip.ts';
+export { openModel, type OpenedModel, type OpenModelOptions, type ModelFormat } from './model.ts';
+export { detectCheckpoint, type CheckpointDetection, type CheckpointKind } from './single-file.ts';
+export { Sd15Engine, type EngineOptions, type GraphKind, type UnetVariant, type UnetInput, type TextEncoderOutput } from './engine.ts';
+export { DEVICES, providerCandidates, ortVersion, type Device, type ProviderChoice } from './runtime.ts';
+export { defaultCacheDir } from './cache.ts';
+export { dumpGraph } from './onnx/dump.ts';
+export type { UnetConfig, ClipTextConfig, VaeConfig } from './networks/config.ts';
