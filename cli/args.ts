@@ -1,0 +1,48 @@
+/**
+ * Argument parsing shared by the CLI commands: `node:util` parseArgs with the common model options,
+ * and a usage error type. CLI arguments are user input: every value is checked here.
+ */
+import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { DEVICES, type Device, type EngineOptions } from '../models/index.ts';
+
+export class UsageError extends Error {}
+
+export const MODEL_OPTIONS = {
+  model: { type: 'string' },
+  device: { type: 'string' },
+  config: { type: 'string' },
+  tokenizer: { type: 'string' },
+  cache: { type: 'string' },
+  threads: { type: 'string' },
+} as const satisfies ParseArgsConfig['options'];
+
+export function parse<O extends NonNullable<ParseArgsConfig['options']>>(argv: readonly string[], options: O) {
+  try {
+    return parseArgs({ args: [...argv], options, allowPositionals: true, strict: true });
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+}
+
+export function parseDevice(value: string | undefined): Device {
+  if (value === undefined) return 'auto';
+  if (!(DEVICES as readonly string[]).includes(value)) throw new UsageError(`--device must be one of ${DEVICES.join(', ')}, got "${value}"`);
+  return value as Device;
+}
+
+export function engineOptions(values: { device?: string; config?: string; tokenizer?: string; cache?: string; threads?: string }): EngineOptions {
+  const threads = values.threads === undefined ? undefined : Number(values.threads);
+  if (threads !== undefined && (!Number.isInteger(threads) || threads < 1)) throw new UsageError(`--threads must be a positive integer, got "${values.threads}"`);
+  return {
+    device: parseDevice(values.device),
+    ...(values.config === undefined ? {} : { configDir: values.config }),
+    ...(values.tokenizer === undefined ? {} : { tokenizerDir: values.tokenizer }),
+    ...(values.cache === undefined ? {} : { cacheDir: values.cache }),
+    ...(threads === undefined ? {} : { threads }),
+  };
+}
+
+export function requireValue(value: string | undefined, flag: string): string {
+  if (value === undefined || value === '') throw new UsageError(`${flag} is required`);
+  return value;
+}
