@@ -1,0 +1,108 @@
+/**
+ * The denoising loop, written once. Strategies decide the branches and how to combine them; the
+ * scheduler decides the timesteps and the update; this file only runs them in order:
+ *
+ *   x ← x_T · σ_init
+ *   for each model evaluation i (timestep t_i):
+ *     1. branches ← strategy.branches(i)
+ *     2. x_in ← scheduler.scaleModelInput(x, i)
+ *     3. run the denoiser on every branch, batched (branches with equal context length share calls)
+ *     4. ε ← strategy.combine(i, outputs)
+ *     5. x ← scheduler.step(ε, i, x [, noise_i])        noise_i drawn only by ancestral schedulers
+ *     6. report progress (and honour cancellation)
+ */
+import type { Tensor } from '../models/index.ts';
+import { PipelineError } from './errors.ts';
+import type { DenoiserModel } from './models.ts';
+import type { Scheduler } from './schedulers/types.ts';
+import type { Branch, StepContext, Strategy } from './strategies/types.ts';
+
+export interface DenoiseProgress {
+  readonly evaluation: number;
+  readonly evaluations: number;
+  readonly step: number;
+  readonly timestep: number;
+  /** Latents after this evaluation's scheduler step (B, C, h, w), flat. */
+  readonly latents: Float32Array;
+}
+
+export interface DenoiseRun<S> {
+  readonly scheduler: Scheduler;
+  readonly strategy: Strategy<S>;
+  readonly denoiser: DenoiserModel;
+  /** Initial noise x_T (unscaled N(0, 1)), shape `shape`. */
+  readonly initialNoise: Float32Array;
+  /** (B, C, h, w) */
+  readonly shape: readonly [number, number, number, number];
+  /** Sampling steps asked for (prompt schedules count in these, not in model evaluations). */
+  readonly steps: number;
+  /** Fresh N(0, 1) noise for evaluation i, drawn only when the scheduler needs it. */
+  readonly noise: (evaluation: number) => Float32Array;
+  /** Largest batch per denoiser call (images × branches); larger groups are split. */
+  readonly maxBatch?: number;
+  readonly signal?: AbortSignal;
+  readonly onProgress?: (p: DenoiseProgress) => void;
+}
+
+function repeatContext(context: Tensor<'float32'>, times: number): Tensor<'float32'> {
+  const [, seq, dim] = context.shape as [number, number, number];
+  const data = new Float32Array(times * seq * dim);
+  for (let i = 0; i < times; i++) data.set(context.data, i * seq * dim);
+  return { dtype: 'float32', shape: [times, seq, dim], data };
+}
+
+/**
+ * Step 3: evaluate every branch on the whole batch. Branches whose contexts have the same length
+ * are stacked into one call (up to `maxBatch` samples); outputs come back per branch.
+ */
+async function runBranches(denoiser: DenoiserModel, branches: readonly Branch[], modelInput: Float32Array, shape: readonly number[], timestep: number, maxBatch: number): Promise<Float32Array[]> {
+  const [batch, ...rest] = shape as [number, number, number, number];
+  const per = modelInput.length / batch;
+  const outputs = new Array<Float32Array>(branches.length);
+  const groups = new Map<number, number[]>();
+  branches.forEach((b, i) => {
+    const seq = b.context.shape[1]!;
+    groups.set(seq, [...(groups.get(seq) ?? []), i]);
+  });
+  const branchesPerCall = Math.max(1, Math.floor(maxBatch / batch));
+  for (const members of groups.values()) {
+    for (let start = 0; start < members.length; start += branchesPerCall) {
+      const call = members.slice(start, start + branchesPerCall);
+      const sample = new Float32Array(call.length * modelInput.length);
+      call.forEach((_, k) => sample.set(modelInput, k * modelInput.length));
+      const contexts = call.map((i) => repeatContext(branches[i]!.context, batch));
+      const [, seq, dim] = contexts[0]!.shape as [number, number, number];
+      const context = new Float32Array(call.length * batch * seq * dim);
+      contexts.forEach((c, k) => context.set(c.data, k * c.data.length));
+      const eps = await denoiser.predict(
+        { dtype: 'float32', shape: [call.length * batch, ...rest], data: sample },
+        timestep,
+        { dtype: 'float32', shape: [call.length * batch, seq, dim], data: context },
+      );
+      call.forEach((i, k) => (outputs[i] = eps.data.slice(k * batch * per, (k + 1) * batch * per)));
+    }
+  }
+  return outputs;
+}
+
+/** Run the loop; returns the final latents (B, C, h, w), before decoding. */
+export async function denoise<S>(run: DenoiseRun<S>): Promise<Float32Array> {
+  const { scheduler, strategy } = run;
+  const evaluations = scheduler.timesteps.length;
+  const state = strategy.begin();
+  let latents: Float32Array = new Float32Array(run.initialNoise.length);
+  for (let j = 0; j < latents.length; j++) latents[j] = Math.fround(run.initialNoise[j]! * scheduler.initNoiseSigma);
+
+  for (let i = 0; i < evaluations; i++) {
+    if (run.signal?.aborted === true) throw new PipelineError('JOB_CANCELLED', `cancelled at step ${i + 1} of ${evaluations}.`, { evaluation: i });
+    const timestep = scheduler.timesteps[i]!;
+    const ctx: StepContext = { evaluation: i, step: Math.min(run.steps - 1, Math.floor((i * run.steps) / evaluations)), timestep, batch: run.shape[0] };
+    const branches = strategy.branches(state, ctx);
+    const modelInput = scheduler.scaleModelInput(latents, i);
+    const outputs = await runBranches(run.denoiser, branches, modelInput, run.shape, timestep, run.maxBatch ?? Number.MAX_SAFE_INTEGER);
+    const noisePred = strategy.combine(state, ctx, outputs);
+    latents = scheduler.step(noisePred, i, latents, scheduler.needsNoise ? run.noise(i) : undefined);
+    run.onProgress?.({ evaluation: i, evaluations, step: ctx.step, timestep, latents });
+  }
+  return latents;
+}
