@@ -33,6 +33,13 @@ export interface UnetVariant {
   readonly debugOutputs?: boolean;
 }
 
+export interface TextEncoderVariant {
+  /** An A1111 clip skip ≥ 3 to output as `clip_skip_<k>` (1 and 2 are always there). */
+  readonly clipSkip?: number;
+}
+
+export type GraphVariant = UnetVariant & TextEncoderVariant;
+
 export interface TextEncoderOutput {
   readonly lastHiddenState: Tensor<'float32'>;
   readonly penultimateRaw: Tensor<'float32'>;
@@ -79,10 +86,10 @@ export class Sd15Engine {
     return this.#reports.get(kind);
   }
 
-  buildGraph(kind: GraphKind, variant: UnetVariant = {}): Graph {
+  buildGraph(kind: GraphKind, variant: GraphVariant = {}): Graph {
     switch (kind) {
       case 'text_encoder':
-        return buildClipTextGraph(this.model.textEncoder);
+        return buildClipTextGraph(this.model.textEncoder, variant.clipSkip !== undefined && variant.clipSkip >= 3 ? { extraClipSkips: [variant.clipSkip] } : {});
       case 'unet':
         return buildUnetGraph(this.model.unet, variant);
       case 'vae_decoder':
@@ -93,7 +100,7 @@ export class Sd15Engine {
   }
 
   /** The session for a graph (and UNet variant), building and caching it on first use. */
-  session(kind: GraphKind, variant: UnetVariant = {}): Promise<OrtSession> {
+  session(kind: GraphKind, variant: GraphVariant = {}): Promise<OrtSession> {
     const key = `${kind}|${JSON.stringify(variant)}`;
     let s = this.#sessions.get(key);
     if (s === undefined) {
@@ -110,7 +117,7 @@ export class Sd15Engine {
     return first.done === true ? undefined : (await first.value).choice;
   }
 
-  async #createSession(kind: GraphKind, variant: UnetVariant): Promise<OrtSession> {
+  async #createSession(kind: GraphKind, variant: GraphVariant): Promise<OrtSession> {
     const graph = this.buildGraph(kind, variant);
     const bound = bindWeights(graph.params, this.model.weights(COMPONENT_OF[kind]));
     this.#reports.set(kind, bound.report);
@@ -120,6 +127,34 @@ export class Sd15Engine {
 
   /** CLIP text encoder on token ids (B, S), S ≤ max_position_embeddings. */
   async encodeText(inputIds: Tensor): Promise<TextEncoderOutput> {
+    const ids = this.#checkIds(inputIds);
+    const out = await (await this.session('text_encoder')).run({ input_ids: ids });
+    return {
+      lastHiddenState: f32(out.last_hidden_state!),
+      penultimateRaw: f32(out.penultimate_raw!),
+      penultimateFinalLn: f32(out.penultimate_final_ln!),
+    };
+  }
+
+  /**
+   * The text conditioning at an A1111 clip skip: 1 = the last layer, N ≥ 2 = final_layer_norm of
+   * hidden_states[−N]. Throws SHAPE_MISMATCH (input `clip_skip`) for N outside 1…layers.
+   */
+  async encodeTextAtClipSkip(inputIds: Tensor, clipSkip: number): Promise<Tensor<'float32'>> {
+    const layers = this.model.textEncoder.numHiddenLayers;
+    if (!Number.isInteger(clipSkip) || clipSkip < 1 || clipSkip > layers) {
+      throw new ModelError('SHAPE_MISMATCH', `clip skip ${clipSkip} is outside 1…${layers} for this ${layers}-layer text encoder.`, { input: 'clip_skip', clipSkip });
+    }
+    const ids = this.#checkIds(inputIds);
+    if (clipSkip <= 2) {
+      const out = await this.encodeText(ids);
+      return clipSkip === 1 ? out.lastHiddenState : out.penultimateFinalLn;
+    }
+    const out = await (await this.session('text_encoder', { clipSkip })).run({ input_ids: ids }, [`clip_skip_${clipSkip}`]);
+    return f32(out[`clip_skip_${clipSkip}`]!);
+  }
+
+  #checkIds(inputIds: Tensor): Tensor<'int64'> {
     const c = this.model.textEncoder;
     if (inputIds.shape.length !== 2 || inputIds.shape[1]! > c.maxPositionEmbeddings || inputIds.shape[1]! < 1) {
       throw new ModelError('SHAPE_MISMATCH', `input_ids must be (batch, ≤${c.maxPositionEmbeddings}) token ids, got [${inputIds.shape.join(', ')}].`, { input: 'input_ids', shape: inputIds.shape });
@@ -129,12 +164,7 @@ export class Sd15Engine {
     for (const id of ids.data) {
       if (id < 0n || id >= BigInt(c.vocabSize)) throw new ModelError('SHAPE_MISMATCH', `input_ids holds token id ${id}, outside the vocabulary (0…${c.vocabSize - 1}).`, { input: 'input_ids' });
     }
-    const out = await (await this.session('text_encoder')).run({ input_ids: ids });
-    return {
-      lastHiddenState: f32(out.last_hidden_state!),
-      penultimateRaw: f32(out.penultimate_raw!),
-      penultimateFinalLn: f32(out.penultimate_final_ln!),
-    };
+    return ids;
   }
 
   /** One UNet evaluation. Returns `noise_pred` and any requested taps / debug outputs by name. */

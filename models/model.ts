@@ -164,6 +164,11 @@ function openDiffusersFolder(root: string, options: OpenModelOptions): OpenedMod
   } else if (!fs.existsSync(path.join(root, 'unet', 'config.json'))) {
     throw new ModelError('UNKNOWN_MODEL_FORMAT', `${root} is not a diffusers model folder (no model_index.json or unet/config.json). Pass a diffusers folder or a .safetensors checkpoint.`, { file: root });
   }
+  for (const component of ['unet', 'text_encoder', 'vae'] as const) {
+    if (!fs.existsSync(path.join(root, component))) {
+      throw new ModelError('MISSING_COMPONENT', `${path.join(root, component)} is missing; a diffusers SD model folder needs unet/, text_encoder/, vae/, tokenizer/ and scheduler/.`, { file: root, component });
+    }
+  }
   const cfg = (component: string) => path.join(root, component, 'config.json');
   const unet = parseUnetConfig(readJson(cfg('unet'), 'unet/config.json'), cfg('unet'));
   const textEncoder = parseClipTextConfig(readJson(cfg('text_encoder'), 'text_encoder/config.json'), cfg('text_encoder'));
@@ -220,6 +225,7 @@ function singleFileSource(file: SafetensorsFile, component: Component, map: LdmK
       return undefined;
     },
     componentKeys: () => file.names().filter((k) => k.startsWith(prefix) && !isIgnorableLdmKey(k)),
+    sourceKey: (name) => map.toLdm(name)?.ldm,
   };
 }
 
@@ -299,8 +305,9 @@ function hubTokenizerDirs(): string[] {
 }
 
 function findTokenizer(candidates: readonly (string | undefined)[], modelPath: string): ClipTokenizer {
-  const env = process.env.CHORUS_TOKENIZER;
-  for (const dir of [env, ...candidates]) {
+  // An explicit --tokenizer comes first, then CHORUS_TOKENIZER, then the places beside the model.
+  const [explicit, ...rest] = candidates;
+  for (const dir of [explicit, process.env.CHORUS_TOKENIZER, ...rest]) {
     if (dir !== undefined && fs.existsSync(path.join(dir, 'vocab.json')) && fs.existsSync(path.join(dir, 'merges.txt'))) return ClipTokenizer.load(dir);
   }
   throw new ModelError(

@@ -42,7 +42,7 @@ function firstKey(file: SafetensorsFile, test: (k: string) => boolean): string |
 export function detectCheckpoint(file: SafetensorsFile): CheckpointDetection {
   const k = (test: (k: string) => boolean) => firstKey(file, test);
   let e: string | undefined;
-  if ((e = k((x) => x.startsWith('lora_unet_') || x.startsWith('lora_te') || x.includes('.lora_down.') || x.includes('.lora_A.') || x.includes('.lora.down.'))) !== undefined) return { kind: 'lora', evidence: e };
+  if ((e = k((x) => x.startsWith('lora_unet_') || x.startsWith('lora_te') || x.includes('.lora_down.') || x.includes('.lora_A.') || x.includes('.lora.down.') || x.includes('_lora.down.') || x.includes('_lora.up.') || /^(unet|text_encoder):\d+:(up|down)$/.test(x))) !== undefined) return { kind: 'lora', evidence: e };
   if ((e = k((x) => x.startsWith('conditioner.embedders.1.') || x.startsWith(`${UNET}label_emb.`))) !== undefined) {
     const refiner = k((x) => x.startsWith('conditioner.embedders.0.model.')) !== undefined && k((x) => x.startsWith('conditioner.embedders.1.')) === undefined;
     return { kind: refiner ? 'sdxl-refiner' : 'sdxl', evidence: e };

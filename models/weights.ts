@@ -29,6 +29,8 @@ export interface WeightSource {
   resolve(name: string): ResolvedTensor | undefined;
   /** Every tensor key of this component in the source (for the unexpected-keys list), as diffusers names where known. */
   componentKeys(): string[];
+  /** The key a parameter would have in this source, when it differs from the diffusers name (for messages). */
+  sourceKey?(name: string): string | undefined;
 }
 
 export interface BindReport {
@@ -93,7 +95,10 @@ export function bindWeights(params: readonly ParamDecl[], source: WeightSource):
     bound.push({ decl, tensor });
   }
   if (missing.length > 0) {
-    const shown = missing.slice(0, 10).map((m) => m.name);
+    const shown = missing.slice(0, 10).map((m) => {
+      const key = source.sourceKey?.(m.name);
+      return key === undefined || key === m.name ? m.name : `${key} (${m.name})`;
+    });
     const more = missing.length > shown.length ? ` and ${missing.length - shown.length} more` : '';
     throw new ModelError(
       'MISSING_TENSOR',
