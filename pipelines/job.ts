@@ -1,0 +1,118 @@
+/**
+ * The text-to-image job: a plain, serializable spec shared by the CLI, the app and tests, with
+ * A1111-like defaults, validated once where it enters (`normalizeJob`). The batch issue turns this
+ * into the versioned job-file schema.
+ */
+import { PipelineError } from './errors.ts';
+import type { EmphasisMode } from './conditioning.ts';
+import type { RngKind } from './rng/index.ts';
+import { resolveSampler } from './schedulers/index.ts';
+import { parseSeed, SEED_MAX } from './rng/index.ts';
+
+export interface GenerateJob {
+  /** Diffusers folder or single-file checkpoint. */
+  readonly model: string;
+  readonly prompt: string;
+  readonly negativePrompt: string;
+  readonly steps: number;
+  readonly cfgScale: number;
+  /** A1111 sampler name ("DPM++ 2M", "Euler a", "DDIM", …; also "DPM++ 2M Karras"). */
+  readonly sampler: string;
+  /** A1111 schedule type ("Automatic", "Karras", "Uniform"). */
+  readonly scheduleType: string;
+  /** Seed of the first image; image k of the run uses seed + k. −1 draws a random seed. */
+  readonly seed: bigint;
+  readonly width: number;
+  readonly height: number;
+  /** A1111 clip skip (1 = last layer). */
+  readonly clipSkip: number;
+  readonly batchSize: number;
+  readonly batchCount: number;
+  /** 'cpu' = torch CPU generator (diffusers, ComfyUI); 'nv' = A1111's default GPU seeds. */
+  readonly rng: RngKind;
+  readonly emphasis: EmphasisMode;
+}
+
+export const JOB_DEFAULTS = {
+  negativePrompt: '',
+  steps: 20,
+  cfgScale: 7,
+  sampler: 'DPM++ 2M',
+  scheduleType: 'Automatic',
+  width: 512,
+  height: 512,
+  clipSkip: 1,
+  batchSize: 1,
+  batchCount: 1,
+  rng: 'cpu',
+  emphasis: 'original',
+} as const;
+
+/** Image side limits in pixels: a multiple of 8, from 64 to 4096 (a 4096² latent is 512², far beyond SD 1.5's use). */
+export const MIN_SIDE_PX = 64;
+export const MAX_SIDE_PX = 4096;
+export const LATENT_SCALE = 8;
+export const MAX_STEPS = 1000;
+export const MAX_BATCH = 64;
+/** The model's own layer count is checked when encoding; this only bounds the input. */
+export const MAX_CLIP_SKIP = 24;
+const EMPHASIS_MODES: readonly EmphasisMode[] = ['original', 'no-norm', 'ignore', 'none'];
+
+export type JobInput = Partial<Omit<GenerateJob, 'seed'>> & { model: string; prompt: string; seed?: bigint | number | string };
+
+function int(field: string, value: number, min: number, max: number, hint = ''): number {
+  if (!Number.isInteger(value) || value < min || value > max) {
+    throw new PipelineError(field === 'steps' ? 'BAD_STEPS' : 'BAD_ARGUMENT', `${field} must be an integer from ${min} to ${max}${hint}, got ${value}.`, { field, value });
+  }
+  return value;
+}
+
+function side(field: 'width' | 'height', value: number): number {
+  if (!Number.isInteger(value) || value % LATENT_SCALE !== 0 || value < MIN_SIDE_PX || value > MAX_SIDE_PX) {
+    const lower = Math.max(MIN_SIDE_PX, Math.floor(value / LATENT_SCALE) * LATENT_SCALE);
+    throw new PipelineError('BAD_SIZE', `${field} must be a multiple of ${LATENT_SCALE} from ${MIN_SIDE_PX} to ${MAX_SIDE_PX} pixels, got ${value}${Number.isFinite(value) ? ` (try ${lower})` : ''}.`, { field, value });
+  }
+  return value;
+}
+
+/** A random seed in 0…2^32−1, as the UIs draw for −1. */
+export function randomSeed(): bigint {
+  return BigInt(Math.floor(Math.random() * 2 ** 32));
+}
+
+/** Fill defaults and validate; throws PipelineError naming the field. */
+export function normalizeJob(input: JobInput): GenerateJob {
+  if (typeof input.model !== 'string' || input.model === '') throw new PipelineError('BAD_ARGUMENT', 'model is required (a diffusers folder or a .safetensors checkpoint).', { field: 'model' });
+  if (typeof input.prompt !== 'string') throw new PipelineError('BAD_PROMPT', 'prompt must be text.', { field: 'prompt' });
+  const seedIn = input.seed ?? -1;
+  const seed = seedIn === -1 || seedIn === -1n || seedIn === '-1' ? randomSeed() : parseSeed(seedIn);
+  const job: GenerateJob = {
+    model: input.model,
+    prompt: input.prompt,
+    negativePrompt: input.negativePrompt ?? JOB_DEFAULTS.negativePrompt,
+    steps: int('steps', input.steps ?? JOB_DEFAULTS.steps, 1, MAX_STEPS),
+    cfgScale: input.cfgScale ?? JOB_DEFAULTS.cfgScale,
+    sampler: input.sampler ?? JOB_DEFAULTS.sampler,
+    scheduleType: input.scheduleType ?? JOB_DEFAULTS.scheduleType,
+    seed,
+    width: side('width', input.width ?? JOB_DEFAULTS.width),
+    height: side('height', input.height ?? JOB_DEFAULTS.height),
+    clipSkip: int('clipSkip', input.clipSkip ?? JOB_DEFAULTS.clipSkip, 1, MAX_CLIP_SKIP),
+    batchSize: int('batchSize', input.batchSize ?? JOB_DEFAULTS.batchSize, 1, MAX_BATCH),
+    batchCount: int('batchCount', input.batchCount ?? JOB_DEFAULTS.batchCount, 1, 10_000),
+    rng: input.rng ?? JOB_DEFAULTS.rng,
+    emphasis: input.emphasis ?? JOB_DEFAULTS.emphasis,
+  };
+  if (typeof job.negativePrompt !== 'string') throw new PipelineError('BAD_PROMPT', 'negative prompt must be text.', { field: 'negativePrompt' });
+  if (!Number.isFinite(job.cfgScale) || job.cfgScale < 0 || job.cfgScale > 100) {
+    throw new PipelineError('BAD_ARGUMENT', `cfgScale must be a number from 0 to 100, got ${job.cfgScale}.`, { field: 'cfgScale', value: job.cfgScale });
+  }
+  if (job.rng !== 'cpu' && job.rng !== 'nv') throw new PipelineError('BAD_ARGUMENT', `rng must be "cpu" or "nv", got ${JSON.stringify(job.rng)}.`, { field: 'rng', value: job.rng });
+  if (!EMPHASIS_MODES.includes(job.emphasis)) {
+    throw new PipelineError('BAD_ARGUMENT', `emphasis must be one of ${EMPHASIS_MODES.join(', ')}, got ${JSON.stringify(job.emphasis)}.`, { field: 'emphasis', value: job.emphasis });
+  }
+  const lastSeed = job.seed + BigInt(job.batchSize * job.batchCount - 1);
+  if (lastSeed > SEED_MAX) throw new PipelineError('BAD_SEED', `seed ${job.seed} + ${job.batchSize * job.batchCount - 1} images exceeds the largest seed ${SEED_MAX}.`, { field: 'seed' });
+  resolveSampler(job.sampler, job.scheduleType);
+  return job;
+}

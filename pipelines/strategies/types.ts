@@ -1,0 +1,33 @@
+/**
+ * The hook surface strategies plug into (ARCHITECTURE.md section 3, STYLE.md section 5): the loop
+ * asks the strategy which denoiser branches to run at each step, runs them (batched), and lets the
+ * strategy combine the outputs into one noise prediction, guidance included.
+ *
+ * State lives in the object `begin` returns, never in module globals or on the loop.
+ */
+import type { Tensor } from '../../models/index.ts';
+
+export interface StepContext {
+  /** Model evaluation index (0…evaluations−1); schedulers with repeats evaluate more than once per step. */
+  readonly evaluation: number;
+  /** The sampling step it belongs to (0…steps−1), used for prompt editing schedules. */
+  readonly step: number;
+  /** The UNet timestep (0–999, may be fractional). */
+  readonly timestep: number;
+  /** Images in the batch. */
+  readonly batch: number;
+}
+
+/** One denoiser branch: every image of the batch is evaluated with this text context. */
+export interface Branch {
+  /** (1, 77·k, D) text conditioning. */
+  readonly context: Tensor<'float32'>;
+}
+
+export interface Strategy<State> {
+  readonly name: string;
+  begin(): State;
+  branches(state: State, ctx: StepContext): readonly Branch[];
+  /** `outputs[i]` is branch i's prediction for the whole batch (B, C, h, w), flat. Returns ε (B, C, h, w). */
+  combine(state: State, ctx: StepContext, outputs: readonly Float32Array[]): Float32Array;
+}

@@ -1,0 +1,119 @@
+/**
+ * Text to image: a job → images. Stages, in order:
+ *   1. resolve the sampler and build the scheduler from the model's scheduler config;
+ *   2. encode the prompts (A1111 syntax; `<lora:…>` tags removed from the text the encoder sees);
+ *   3. for each batch: seeds → initial noise (one generator per image, seed + k, as A1111 does,
+ *      so every image can be reproduced alone), run the denoising loop, decode;
+ *   4. hand back images with their seeds and final latents (saving is `images/save.ts`).
+ */
+import type { Tensor } from '../models/index.ts';
+import { encodePrompts, type ConditioningOptions } from './conditioning.ts';
+import { denoise, type DenoiseProgress } from './denoise.ts';
+import { PipelineError } from './errors.ts';
+import type { GenerateJob } from './job.ts';
+import type { SdModels } from './models.ts';
+import { extractExtraNetworks } from './prompt/a1111.ts';
+import { createGenerator, type NoiseGenerator } from './rng/index.ts';
+import { createScheduler, parseSchedulerConfig, resolveSampler, type InfotextSampler } from './schedulers/index.ts';
+import { plainStrategy } from './strategies/plain.ts';
+
+export interface GeneratedImage {
+  /** Index in the run (0…batchSize·batchCount−1). */
+  readonly index: number;
+  readonly seed: bigint;
+  /** (1, 3, H, W) in [0, 1]. */
+  readonly image: Tensor<'float32'>;
+  /** (1, C, h, w) unscaled initial noise and latents after the last step (before decoding). */
+  readonly initLatents: Tensor<'float32'>;
+  readonly finalLatents: Tensor<'float32'>;
+}
+
+export interface GenerateProgress extends DenoiseProgress {
+  readonly batch: number;
+  readonly batches: number;
+}
+
+export interface GenerateOptions {
+  readonly signal?: AbortSignal;
+  readonly onProgress?: (p: GenerateProgress) => void;
+  /** Called as each image is ready (so a long run saves as it goes). */
+  readonly onImage?: (img: GeneratedImage) => void | Promise<void>;
+  /** Replaces the seeded initial noise of the first batch: (batchSize, C, h, w). */
+  readonly initLatents?: Tensor;
+  readonly maxBatch?: number;
+}
+
+export interface GenerateResult {
+  readonly images: readonly GeneratedImage[];
+  /** The sampler as an A1111 infotext names it. */
+  readonly sampler: InfotextSampler;
+  /** LoRA tags found in the prompt (loading them is the LoRA adapter bank's work). */
+  readonly loraTags: ReadonlyArray<{ name: string; args: readonly string[] }>;
+}
+
+/** Run a normalized job on the given models. */
+export async function generate(job: GenerateJob, models: SdModels, options: GenerateOptions = {}): Promise<GenerateResult> {
+  // 1. sampler and scheduler.
+  const choice = resolveSampler(job.sampler, job.scheduleType);
+  const schedulerConfig = parseSchedulerConfig(models.schedulerConfig, 'scheduler config');
+
+  // 2. prompts.
+  const positive = extractExtraNetworks(job.prompt);
+  const negative = extractExtraNetworks(job.negativePrompt);
+  const conditioningOptions: ConditioningOptions = { clipSkip: job.clipSkip, emphasis: job.emphasis, commaPaddingBacktrack: 20 };
+  const conditioning = await encodePrompts(positive.prompt, negative.prompt, job.steps, models.textEncoder, conditioningOptions);
+
+  // 3. batches.
+  const c = models.latentChannels;
+  const h = job.height / models.vaeScale;
+  const w = job.width / models.vaeScale;
+  const perImage = c * h * w;
+  if (options.initLatents !== undefined) {
+    const s = options.initLatents.shape;
+    if (s.length !== 4 || s[0] !== job.batchSize || s[1] !== c || s[2] !== h || s[3] !== w) {
+      throw new PipelineError('BAD_LATENTS', `init latents have shape [${s.join(', ')}]; this job needs [${job.batchSize}, ${c}, ${h}, ${w}] (batch size, channels, height/8, width/8).`, {
+        found: s,
+        expected: [job.batchSize, c, h, w],
+      });
+    }
+  }
+  const images: GeneratedImage[] = [];
+  for (let b = 0; b < job.batchCount; b++) {
+    const seeds = Array.from({ length: job.batchSize }, (_, i) => job.seed + BigInt(b * job.batchSize + i));
+    const generators: NoiseGenerator[] = seeds.map((s) => createGenerator(job.rng, s));
+    const draw = () => {
+      const out = new Float32Array(job.batchSize * perImage);
+      generators.forEach((g, i) => out.set(g.randn([1, c, h, w]), i * perImage));
+      return out;
+    };
+    const initialNoise = b === 0 && options.initLatents !== undefined ? Float32Array.from(options.initLatents.data as ArrayLike<number>) : draw();
+    const scheduler = createScheduler(choice.kind, schedulerConfig, job.steps, choice.options);
+    const finalLatents = await denoise({
+      scheduler,
+      strategy: plainStrategy(conditioning, job.cfgScale),
+      denoiser: models.denoiser,
+      initialNoise,
+      shape: [job.batchSize, c, h, w],
+      steps: job.steps,
+      noise: draw,
+      ...(options.maxBatch === undefined ? {} : { maxBatch: options.maxBatch }),
+      ...(options.signal === undefined ? {} : { signal: options.signal }),
+      onProgress: (p) => options.onProgress?.({ ...p, batch: b, batches: job.batchCount }),
+    });
+    for (let i = 0; i < job.batchSize; i++) {
+      const latents: Tensor<'float32'> = { dtype: 'float32', shape: [1, c, h, w], data: finalLatents.slice(i * perImage, (i + 1) * perImage) };
+      const image = await models.decoder.decode(latents);
+      const img: GeneratedImage = {
+        index: b * job.batchSize + i,
+        seed: seeds[i]!,
+        image,
+        initLatents: { dtype: 'float32', shape: [1, c, h, w], data: initialNoise.slice(i * perImage, (i + 1) * perImage) },
+        finalLatents: latents,
+      };
+      images.push(img);
+      await options.onImage?.(img);
+    }
+  }
+  const loraTags = positive.networks.filter((n) => n.type === 'lora').map((n) => ({ name: n.name, args: n.args }));
+  return { images, sampler: choice.infotext, loraTags };
+}
