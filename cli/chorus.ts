@@ -4,13 +4,17 @@
  * 2 a usage error.
  */
 import { isModelError } from '../models/index.ts';
+import { isPipelineError } from '../pipelines/index.ts';
 import { runDebug } from './commands/debug.ts';
 import { runInspect } from './commands/inspect.ts';
+import { runGenerate } from './commands/generate.ts';
 import { UsageError } from './args.ts';
 
 const HELP = `chorus — compose several LoRAs in one Stable Diffusion 1.5 image, locally.
 
 Usage:
+  chorus generate --model <path> --prompt "<text>" [options]
+                                            text to image (chorus generate --help for options)
   chorus inspect <model>                    what a model folder or checkpoint holds, and its configs
   chorus debug run <graph> --model <path> --inputs <in.safetensors> --out <out.safetensors>
                                             run one graph on tensors (graph: text-encoder | unet |
@@ -29,6 +33,8 @@ export async function main(argv: readonly string[]): Promise<number> {
   const [command, ...rest] = argv;
   try {
     switch (command) {
+      case 'generate':
+        return await runGenerate(rest);
       case 'inspect':
         return await runInspect(rest);
       case 'debug':
@@ -47,7 +53,7 @@ export async function main(argv: readonly string[]): Promise<number> {
       process.stderr.write(`error: ${e.message}\n\n${HELP}`);
       return 2;
     }
-    if (isModelError(e)) {
+    if (isModelError(e) || isPipelineError(e)) {
       process.stderr.write(`error [${e.code}]: ${e.message}\n`);
       return 1;
     }

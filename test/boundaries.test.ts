@@ -82,6 +82,7 @@ test('cli/ uses public surfaces only, never electron', () => {
   const v = violations('cli', (imp, to) => {
     if (imp.spec === 'electron' || to.startsWith('electron') || to.startsWith('renderer')) return 'cli/ never imports electron or the renderer';
     if (to.startsWith('models') && to !== path.join('models', 'index.ts')) return 'use models/index.ts';
+    if (to.startsWith('pipelines') && to !== path.join('pipelines', 'index.ts')) return 'use pipelines/index.ts';
     if (imp.spec === 'onnxruntime-node') return 'only models/runtime.ts imports onnxruntime-node';
     return undefined;
   });

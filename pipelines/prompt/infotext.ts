@@ -34,7 +34,8 @@ export interface InfotextParams {
   /** Scheduler label (`Karras`, `Automatic`); the `Schedule type` field is left out when unset. */
   readonly scheduleType?: string;
   readonly cfgScale: number;
-  readonly seed: number;
+  /** A bigint for seeds beyond 2^53 (written exactly). */
+  readonly seed: number | bigint;
   readonly width: number;
   readonly height: number;
   readonly modelHash?: string;
@@ -108,7 +109,7 @@ export function formatInfotext(p: InfotextParams): string {
   checkWhole('steps', p.steps, 1);
   checkWhole('width', p.width, 1);
   checkWhole('height', p.height, 1);
-  checkWhole('seed', p.seed, Number.MIN_SAFE_INTEGER);
+  if (typeof p.seed !== 'bigint') checkWhole('seed', p.seed, Number.MIN_SAFE_INTEGER);
   if (p.clipSkip !== undefined) checkWhole('clipSkip', p.clipSkip, 1);
   if (!Number.isFinite(p.cfgScale)) badArgument('cfgScale', p.cfgScale, 'a finite number');
 
@@ -117,7 +118,7 @@ export function formatInfotext(p: InfotextParams): string {
   fields.set('Sampler', p.sampler);
   if (p.scheduleType !== undefined) fields.set('Schedule type', p.scheduleType);
   fields.set('CFG scale', p.cfgScale);
-  fields.set('Seed', p.seed);
+  fields.set('Seed', typeof p.seed === 'bigint' ? p.seed.toString() : p.seed);
   fields.set('Size', `${p.width}x${p.height}`);
   if (p.modelHash !== undefined) fields.set('Model hash', p.modelHash);
   if (p.model !== undefined) fields.set('Model', p.model);

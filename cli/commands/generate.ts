@@ -1,0 +1,185 @@
+/**
+ * `chorus generate`: text to image from the command line, with A1111 prompt syntax, a progress bar,
+ * PNGs carrying A1111's `parameters` text and a `chorus` JSON chunk, and `--save-latents` /
+ * `--init-latents` for comparing with other implementations.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { Sd15Engine, openSafetensors, writeSafetensors, type Tensor } from '../../models/index.ts';
+import {
+  JOB_DEFAULTS,
+  PipelineError,
+  encodePng,
+  engineModels,
+  generate,
+  imageMetadataTexts,
+  normalizeJob,
+  writeFileAtomic,
+  type GenerateJob,
+  type GeneratedImage,
+  type GenerateProgress,
+} from '../../pipelines/index.ts';
+import { MODEL_OPTIONS, UsageError, engineOptions, parse, requireValue } from '../args.ts';
+
+export const GENERATE_HELP = `chorus generate — text to image
+
+  chorus generate --model <dir-or-file> --prompt "<text>" [options]
+
+  --prompt <text>          A1111 syntax: (word:1.2), (word), [word], [from:to:when], [a|b], BREAK, AND, <lora:name:w>
+  --negative <text>        negative prompt (default empty)
+  --steps <n>              sampling steps (default ${JOB_DEFAULTS.steps})
+  --cfg <x>                CFG scale (default ${JOB_DEFAULTS.cfgScale})
+  --sampler <name>         A1111 sampler: "DPM++ 2M" (default), "Euler a", "Euler", "LMS", "Heun", "DDIM", "PLMS", "UniPC";
+                           the old combined names ("DPM++ 2M Karras") work too
+  --schedule <type>        Automatic (default), Karras, Uniform
+  --seed <n>               seed of the first image; image k uses seed + k (default -1: random)
+  --rng cpu|nv             noise source: cpu = torch CPU generator (diffusers, ComfyUI; default), nv = A1111's GPU seeds
+  --width <px>             multiple of 8 (default ${JOB_DEFAULTS.width})
+  --height <px>            multiple of 8 (default ${JOB_DEFAULTS.height})
+  --clip-skip <n>          A1111 clip skip (default 1)
+  --batch-size <n>         images per batch (default 1)
+  --batch-count <n>        batches (default 1)
+  --out <path>             a folder (default ./outputs; files NNNNN-<seed>.png) or a .png file name
+  --save-latents <file>    write init_latents and final_latents (before decoding) to a safetensors file
+  --init-latents <file>    start from init_latents in a safetensors file instead of the seeded noise
+  --model, --device, --config, --tokenizer, --cache, --threads: see chorus --help
+`;
+
+function num(flag: string, value: string | undefined): number | undefined {
+  if (value === undefined) return undefined;
+  const n = Number(value);
+  if (value.trim() === '' || !Number.isFinite(n)) throw new UsageError(`${flag} must be a number, got "${value}"`);
+  return n;
+}
+
+/** Output file names: a .png path names the file (suffixed -k for several), else a folder of NNNNN-seed.png. */
+function outputNamer(out: string, total: number): (img: GeneratedImage) => string {
+  if (out.toLowerCase().endsWith('.png')) {
+    const stem = out.slice(0, -4);
+    return (img) => (total === 1 ? out : `${stem}-${img.index}.png`);
+  }
+  fs.mkdirSync(out, { recursive: true });
+  const used = fs
+    .readdirSync(out)
+    .map((f) => /^(\d{5,})-/.exec(f)?.[1])
+    .filter((s): s is string => s !== undefined)
+    .map(Number);
+  const first = used.length === 0 ? 0 : Math.max(...used) + 1;
+  return (img) => path.join(out, `${String(first + img.index).padStart(5, '0')}-${img.seed}.png`);
+}
+
+function progressBar(total: number): (p: GenerateProgress) => void {
+  const start = Date.now();
+  const tty = process.stderr.isTTY === true;
+  return (p) => {
+    const done = p.evaluation + 1;
+    const width = 30;
+    const filled = Math.round((done / p.evaluations) * width);
+    const elapsed = (Date.now() - start) / 1000;
+    const line = `batch ${p.batch + 1}/${p.batches} [${'#'.repeat(filled)}${'-'.repeat(width - filled)}] step ${done}/${p.evaluations} ${elapsed.toFixed(1)}s (${total} image${total === 1 ? '' : 's'})`;
+    if (tty) process.stderr.write(`\r${line}${done === p.evaluations ? '\n' : ''}`);
+    else if (done === p.evaluations) process.stderr.write(`${line}\n`);
+  };
+}
+
+function readInitLatents(file: string): Tensor {
+  const f = openSafetensors(file);
+  try {
+    if (!f.has('init_latents')) throw new PipelineError('BAD_LATENTS', `${file}: no tensor \`init_latents\` (write one with --save-latents).`, { file });
+    return f.readFloat32('init_latents');
+  } finally {
+    f.close();
+  }
+}
+
+function concat(tensors: readonly Tensor<'float32'>[]): Tensor<'float32'> {
+  const [, ...rest] = tensors[0]!.shape;
+  const data = new Float32Array(tensors.reduce((n, t) => n + t.data.length, 0));
+  let o = 0;
+  for (const t of tensors) {
+    data.set(t.data, o);
+    o += t.data.length;
+  }
+  return { dtype: 'float32', shape: [tensors.length, ...rest], data };
+}
+
+export async function runGenerate(argv: readonly string[]): Promise<number> {
+  const { values } = parse(argv, {
+    ...MODEL_OPTIONS,
+    prompt: { type: 'string' },
+    negative: { type: 'string' },
+    steps: { type: 'string' },
+    cfg: { type: 'string' },
+    sampler: { type: 'string' },
+    schedule: { type: 'string' },
+    seed: { type: 'string' },
+    rng: { type: 'string' },
+    width: { type: 'string' },
+    height: { type: 'string' },
+    'clip-skip': { type: 'string' },
+    'batch-size': { type: 'string' },
+    'batch-count': { type: 'string' },
+    out: { type: 'string' },
+    'save-latents': { type: 'string' },
+    'init-latents': { type: 'string' },
+    help: { type: 'boolean' },
+  });
+  if (values.help === true) {
+    process.stdout.write(GENERATE_HELP);
+    return 0;
+  }
+  const rng = values.rng;
+  if (rng !== undefined && rng !== 'cpu' && rng !== 'nv') throw new UsageError(`--rng must be cpu or nv, got "${rng}"`);
+  const options = engineOptions(values);
+  const job: GenerateJob = normalizeJob({
+    model: requireValue(values.model, '--model'),
+    prompt: requireValue(values.prompt, '--prompt'),
+    ...(values.negative === undefined ? {} : { negativePrompt: values.negative }),
+    ...(values.steps === undefined ? {} : { steps: num('--steps', values.steps)! }),
+    ...(values.cfg === undefined ? {} : { cfgScale: num('--cfg', values.cfg)! }),
+    ...(values.sampler === undefined ? {} : { sampler: values.sampler }),
+    ...(values.schedule === undefined ? {} : { scheduleType: values.schedule }),
+    ...(values.seed === undefined ? {} : { seed: values.seed }),
+    ...(rng === undefined ? {} : { rng }),
+    ...(values.width === undefined ? {} : { width: num('--width', values.width)! }),
+    ...(values.height === undefined ? {} : { height: num('--height', values.height)! }),
+    ...(values['clip-skip'] === undefined ? {} : { clipSkip: num('--clip-skip', values['clip-skip'])! }),
+    ...(values['batch-size'] === undefined ? {} : { batchSize: num('--batch-size', values['batch-size'])! }),
+    ...(values['batch-count'] === undefined ? {} : { batchCount: num('--batch-count', values['batch-count'])! }),
+  });
+  const initLatents = values['init-latents'] === undefined ? undefined : readInitLatents(values['init-latents']);
+  const total = job.batchSize * job.batchCount;
+  const nameOf = outputNamer(values.out ?? 'outputs', total);
+
+  const engine = Sd15Engine.open(job.model, options);
+  const written: string[] = [];
+  const inits: Tensor<'float32'>[] = [];
+  const finals: Tensor<'float32'>[] = [];
+  try {
+    const models = engineModels(engine);
+    const result = await generate(job, models, {
+      ...(initLatents === undefined ? {} : { initLatents }),
+      onProgress: progressBar(total),
+      onImage: async (img) => {
+        const texts = imageMetadataTexts(job, img, engine.model);
+        const file = nameOf(img);
+        writeFileAtomic(file, await encodePng(img.image, texts));
+        written.push(file);
+        inits.push(img.initLatents);
+        finals.push(img.finalLatents);
+      },
+    });
+    if (values['save-latents'] !== undefined) {
+      writeSafetensors(values['save-latents'], { init_latents: concat(inits), final_latents: concat(finals) }, { seed: String(job.seed), sampler: job.sampler });
+    }
+    if (result.loraTags.length > 0) {
+      process.stderr.write(`note: LoRA tags were removed from the prompt but not applied (LoRA loading is not available yet): ${result.loraTags.map((t) => t.name).join(', ')}\n`);
+    }
+    const choice = await engine.providerChoice();
+    process.stdout.write(`${written.join('\n')}\n`);
+    process.stderr.write(`${total} image${total === 1 ? '' : 's'} on ${choice?.device ?? '?'}; seed ${job.seed}\n`);
+    return 0;
+  } finally {
+    await engine.dispose();
+  }
+}
