@@ -1,0 +1,136 @@
+/**
+ * The denoising loop with a fake denoiser that records its calls: branch batching (equal context
+ * lengths share a call, `maxBatch` splits), CFG and AND combine maths, scheduler order, ancestral
+ * noise only when asked, cancellation.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import type { Tensor } from '../models/index.ts';
+import { denoise } from '../pipelines/denoise.ts';
+import { PipelineError } from '../pipelines/errors.ts';
+import type { DenoiserModel } from '../pipelines/models.ts';
+import type { Scheduler } from '../pipelines/schedulers/types.ts';
+import { plainStrategy } from '../pipelines/strategies/plain.ts';
+import type { PromptConditioning } from '../pipelines/conditioning.ts';
+
+const ctx = (value: number, seq = 77): Tensor<'float32'> => ({ dtype: 'float32', shape: [1, seq, 2], data: new Float32Array(seq * 2).fill(value) });
+
+/** ε = first context value of the sample's row (so each branch is recognisable). */
+function recordingDenoiser(calls: Array<{ batch: number; seq: number; timestep: number }>): DenoiserModel {
+  return {
+    async predict(sample, timestep, context) {
+      const [b, c, h, w] = sample.shape as number[];
+      const seq = context.shape[1]!;
+      calls.push({ batch: b!, seq, timestep });
+      const per = c! * h! * w!;
+      const out = new Float32Array(sample.data.length);
+      for (let i = 0; i < b!; i++) out.fill(context.data[i * seq * 2]!, i * per, (i + 1) * per);
+      return { dtype: 'float32', shape: sample.shape, data: out };
+    },
+  };
+}
+
+/** x ← x − ε, records what it saw. */
+function fakeScheduler(evaluations: number, needsNoise = false, seen: number[][] = []): Scheduler {
+  let next = 0;
+  return {
+    kind: 'euler',
+    timesteps: Array.from({ length: evaluations }, (_, i) => 900 - i * 100),
+    sigmas: undefined,
+    initNoiseSigma: 2,
+    needsNoise,
+    scaleModelInput: (x) => Float32Array.from(x),
+    step(eps, i, x, noise) {
+      assert.equal(i, next++, 'steps in order');
+      assert.equal(noise !== undefined, needsNoise);
+      seen.push([...eps]);
+      return Float32Array.from(x, (v, j) => v - eps[j]! + (noise?.[j] ?? 0));
+    },
+  } as Scheduler;
+}
+
+const conditioning = (positive: Array<[number, number, number?]>, negative = 0): PromptConditioning => ({
+  positive: positive.map(([value, weight, seq]) => ({ weight, schedule: [{ endAtStep: 99, embedding: ctx(value, seq) }] })),
+  negative: [{ endAtStep: 99, embedding: ctx(negative) }],
+});
+
+test('CFG: ε = u + s(c − u), uncond and cond in one batched call', async () => {
+  const calls: Array<{ batch: number; seq: number; timestep: number }> = [];
+  const seen: number[][] = [];
+  const out = await denoise({
+    scheduler: fakeScheduler(2, false, seen),
+    strategy: plainStrategy(conditioning([[3, 1]], 1), 7.5),
+    denoiser: recordingDenoiser(calls),
+    initialNoise: new Float32Array(8).fill(1),
+    shape: [2, 1, 2, 2],
+    steps: 2,
+    noise: () => assert.fail('no noise for a deterministic scheduler'),
+  });
+  assert.deepEqual(calls, [
+    { batch: 4, seq: 77, timestep: 900 },
+    { batch: 4, seq: 77, timestep: 800 },
+  ]);
+  assert.ok(seen.every((eps) => eps.every((v) => v === 1 + 7.5 * 2)));
+  assert.ok(out.every((v) => v === 2 - 2 * 16));
+});
+
+test('AND: ε = u + s Σ w_i (c_i − u); contexts of another length get their own call', async () => {
+  const calls: Array<{ batch: number; seq: number; timestep: number }> = [];
+  const seen: number[][] = [];
+  await denoise({
+    scheduler: fakeScheduler(1, false, seen),
+    strategy: plainStrategy(conditioning([[2, 1], [4, 0.5, 154]]), 2),
+    denoiser: recordingDenoiser(calls),
+    initialNoise: new Float32Array(4),
+    shape: [1, 1, 2, 2],
+    steps: 1,
+    noise: () => new Float32Array(4),
+  });
+  assert.deepEqual(calls.map((c) => [c.batch, c.seq]), [[2, 77], [1, 154]]);
+  assert.ok(seen[0]!.every((v) => v === 0 + 2 * (1 * 2 + 0.5 * 4)));
+});
+
+test('maxBatch splits a step into several calls', async () => {
+  const calls: Array<{ batch: number; seq: number; timestep: number }> = [];
+  await denoise({
+    scheduler: fakeScheduler(1),
+    strategy: plainStrategy(conditioning([[1, 1], [2, 1], [3, 1]]), 1),
+    denoiser: recordingDenoiser(calls),
+    initialNoise: new Float32Array(8),
+    shape: [2, 1, 2, 2],
+    steps: 1,
+    maxBatch: 4,
+    noise: () => new Float32Array(8),
+  });
+  assert.deepEqual(calls.map((c) => c.batch), [4, 4]);
+});
+
+test('ancestral schedulers get fresh noise each step; cancellation stops with JOB_CANCELLED', async () => {
+  const drawn: number[] = [];
+  await denoise({
+    scheduler: fakeScheduler(3, true),
+    strategy: plainStrategy(conditioning([[1, 1]]), 1),
+    denoiser: recordingDenoiser([]),
+    initialNoise: new Float32Array(4),
+    shape: [1, 1, 2, 2],
+    steps: 3,
+    noise: (i) => (drawn.push(i), new Float32Array(4)),
+  });
+  assert.deepEqual(drawn, [0, 1, 2]);
+
+  const abort = new AbortController();
+  await assert.rejects(
+    denoise({
+      scheduler: fakeScheduler(5),
+      strategy: plainStrategy(conditioning([[1, 1]]), 1),
+      denoiser: recordingDenoiser([]),
+      initialNoise: new Float32Array(4),
+      shape: [1, 1, 2, 2],
+      steps: 5,
+      noise: () => new Float32Array(4),
+      signal: abort.signal,
+      onProgress: (p) => p.evaluation === 1 && abort.abort(),
+    }),
+    (e: unknown) => e instanceof PipelineError && e.code === 'JOB_CANCELLED' && e.message.includes('step 3 of 5'),
+  );
+});
