@@ -97,9 +97,15 @@ export class OrtSession {
     const device = options.device ?? 'auto';
     const tried: { device: ConcreteDevice; error: string }[] = [];
     for (const candidate of providerCandidates(device)) {
+      if (candidate === 'cuda' && !cudaInstalled()) {
+        tried.push({ device: candidate, error: 'the CUDA provider is not installed (npm run install-cuda)' });
+        continue;
+      }
       const sessionOptions: ort.InferenceSession.SessionOptions = {
         executionProviders: [candidate],
         graphOptimizationLevel: 'all',
+        // A provider that cannot start is reported through `choice.tried`; keep ORT's own log quiet about it.
+        ...(candidate === 'cpu' ? {} : { logSeverityLevel: 4 as const }),
         ...(options.threads === undefined ? {} : { intraOpNumThreads: options.threads }),
       };
       try {
