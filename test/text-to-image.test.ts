@@ -102,4 +102,23 @@ describe('text to image matches the reference pipeline', () => {
       ref.close();
     });
   }
+
+  test('a prompt over 75 tokens (and BREAK) reaches the UNet as 77·k tokens, clip skip 2 included', async () => {
+    const seen: number[][] = [];
+    const recording: SdModels = {
+      ...models,
+      denoiser: {
+        predict: (sample, timestep, context) => {
+          seen.push([...context.shape]);
+          return models.denoiser.predict(sample, timestep, context);
+        },
+      },
+    };
+    const long = `${Array.from({ length: 90 }, (_, i) => `word${i % 7}`).join(' ')} BREAK (red:1.2) sky`;
+    const job = normalizeJob({ model: MODEL, prompt: long, negativePrompt: '', steps: 2, sampler: 'Euler', seed: 3, width: 64, height: 64, clipSkip: 2 });
+    const result = await generate(job, recording);
+    // cond: 90 tokens → 2 chunks, BREAK → a third; uncond: 1 chunk. Different lengths: separate calls.
+    assert.deepEqual(seen.slice(0, 2).sort(), [[1, 77, 32], [1, 231, 32]].sort());
+    assert.ok(result.images[0]!.finalLatents.data.every(Number.isFinite));
+  });
 });
