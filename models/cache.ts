@@ -21,7 +21,7 @@ import { DTYPE_BYTES, numel } from './tensor.ts';
 import { readParamBytes, type BoundWeights } from './weights.ts';
 
 /** Bump when the weights file layout or graph conventions change. */
-const CACHE_FORMAT = 1;
+const CACHE_FORMAT = 2;
 const WEIGHTS_FILE = 'weights.bin';
 const LAYOUT_FILE = 'layout.json';
 const ALIGNMENT = 4096;
@@ -59,7 +59,7 @@ function weightsKey(bound: BoundWeights): string {
       files.set(file.path, id);
     }
     const info = file.info(p.tensor.key);
-    h.update(`${p.decl.name}|${p.decl.shape.join(',')}|${p.decl.dtype}|${id}|${p.tensor.key}|${info.fileDtype}|${info.begin}\n`);
+    h.update(`${p.decl.name}|${p.decl.shape.join(',')}|${p.decl.transposed ? 'T' : ''}|${p.decl.dtype}|${id}|${p.tensor.key}|${info.fileDtype}|${info.begin}\n`);
   }
   return h.digest('hex').slice(0, 20);
 }

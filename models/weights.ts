@@ -73,12 +73,12 @@ export function bindWeights(params: readonly ParamDecl[], source: WeightSource):
     }
     const info = tensor.file.info(tensor.key);
     used.add(tensor.key);
-    if (!shapesCompatible(decl.shape, info.shape)) {
+    if (!shapesCompatible(decl.storedShape, info.shape)) {
       throw new ModelError(
         'SHAPE_MISMATCH',
-        `${source.label}: tensor \`${tensor.key}\` has shape [${info.shape.join(', ')}] but the model config needs [${decl.shape.join(', ')}] for ${decl.name}. ` +
+        `${source.label}: tensor \`${tensor.key}\` has shape [${info.shape.join(', ')}] but the model config needs [${decl.storedShape.join(', ')}] for ${decl.name}. ` +
           'The weights do not belong to this config (a different model size or architecture); check that config.json and the weights come from the same model.',
-        { file: tensor.file.path, key: tensor.key, param: decl.name, expected: decl.shape, found: info.shape },
+        { file: tensor.file.path, key: tensor.key, param: decl.name, expected: decl.storedShape, found: info.shape },
       );
     }
     if (!FLOAT_DTYPES.has(info.dtype)) {
@@ -123,12 +123,20 @@ function shapesCompatible(declared: readonly number[], stored: readonly number[]
   return a.length === b.length && a.every((d, i) => d === b[i]) && numel(declared) === numel(stored);
 }
 
-/** One bound parameter's bytes in its declared dtype (little-endian). */
+/** [rows, cols] → [cols, rows]. */
+function transpose2d(src: Float32Array, rows: number, cols: number): Float32Array {
+  const out = new Float32Array(src.length);
+  for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) out[c * rows + r] = src[r * cols + c]!;
+  return out;
+}
+
+/** One bound parameter's bytes in its declared dtype and layout (little-endian). */
 export function readParamBytes(p: BoundParam): Uint8Array {
   const info = p.tensor.file.info(p.tensor.key);
-  if (info.dtype === p.decl.dtype) return p.tensor.file.readBytes(p.tensor.key);
+  if (info.dtype === p.decl.dtype && !p.decl.transposed) return p.tensor.file.readBytes(p.tensor.key);
   const t = p.tensor.file.read(p.tensor.key);
-  const f32 = toFloat32(t);
+  let f32 = toFloat32(t);
+  if (p.decl.transposed) f32 = transpose2d(f32, p.decl.storedShape[0]!, p.decl.storedShape[1]!);
   switch (p.decl.dtype) {
     case 'float32':
       return new Uint8Array(f32.buffer, f32.byteOffset, f32.byteLength);

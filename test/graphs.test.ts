@@ -34,7 +34,7 @@ function graphBytes(g: Graph): Uint8Array {
   });
 }
 
-const paramMap = (g: Graph) => new Map(g.params.map((p) => [p.name, p.shape.join(',')]));
+const paramMap = (g: Graph) => new Map(g.params.map((p) => [p.name, p.storedShape.join(',')]));
 
 describe('graph builder', () => {
   test('is deterministic: same config and options give identical dumps and bytes', () => {
@@ -48,7 +48,8 @@ describe('graph builder', () => {
 
   test('the text dump names nodes by scope and lists parameters with shapes', () => {
     const dump = dumpGraph(buildUnetGraph(tinyUnet()));
-    assert.match(dump, /^param {2}down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn2\.to_k\.weight: float32\[32, 32\]$/m);
+    assert.match(dump, /^param {2}down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn2\.to_k\.weight: float32\[32, 32\] \(stored \[32, 32\]\)$/m);
+    assert.match(dump, /^param {2}down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.ff\.net\.2\.weight: float32\[128, 32\] \(stored \[32, 128\]\)$/m);
     assert.match(dump, /^input {2}encoder_hidden_states: float32\[batch, sequence, 32\]$/m);
     assert.match(dump, /^down_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn2\/Softmax = Softmax\(/m);
     assert.match(dump, /^output noise_pred: float32\[batch, 4, height, width\]$/m);

@@ -9,9 +9,9 @@ import type { Ops, Padding2d } from '../onnx/ops.ts';
 /** `nn.Linear(inFeatures, outFeatures, bias)`; weight [out, in]. (…, in) → (…, out) */
 export function linear(g: Ops, name: string, x: Value, inFeatures: number, outFeatures: number, options: { bias: boolean }): Value {
   return g.scope(name, () => {
-    const w = g.param('weight', [outFeatures, inFeatures]);
+    const wT = g.param('weight', [inFeatures, outFeatures], 'float32', { transposed: true }); // stored [out, in]
     const b = options.bias ? g.param('bias', [outFeatures]) : undefined;
-    return g.linear(x, w, b);
+    return g.linear(x, wT, b);
   });
 }
 

@@ -37,7 +37,16 @@ export interface IoDecl {
 export interface ParamDecl {
   /** Full checkpoint key (diffusers layout), e.g. `down_blocks.0.resnets.0.conv1.weight`. */
   readonly name: string;
+  /** The tensor's shape in the graph. */
   readonly shape: readonly number[];
+  /** The shape as checkpoints store it (differs from `shape` when `transposed`). */
+  readonly storedShape: readonly number[];
+  /**
+   * The graph uses the 2-D transpose of the stored tensor: linear weights are stored [out, in] and
+   * used as [in, out] by MatMul, transposed once when the weights are converted (not by ONNX
+   * Runtime at every session start).
+   */
+  readonly transposed: boolean;
   readonly dtype: DType;
 }
 
@@ -125,7 +134,9 @@ export class GraphBuilder {
   }
 
   /** Declare a parameter by its local name; its full name is the scope path plus `local`. */
-  param(local: string, shape: readonly number[], dtype: DType = 'float32'): Value {
+  param(local: string, shape: readonly number[], dtype: DType = 'float32', options: { transposed?: boolean } = {}): Value {
+    const transposed = options.transposed ?? false;
+    if (transposed && shape.length !== 2) throw new ModelError('GRAPH_BUILD', `${this.scopePath}: only 2-D parameters can be stored transposed (${local})`);
     const name = this.scopePath === '' ? local : `${this.scopePath}.${local}`;
     const existing = this.#params.get(name);
     if (existing !== undefined) {
@@ -140,7 +151,7 @@ export class GraphBuilder {
       }
     }
     this.#claim(name);
-    this.#params.set(name, { name, shape: [...shape], dtype });
+    this.#params.set(name, { name, shape: [...shape], storedShape: transposed ? [shape[1]!, shape[0]!] : [...shape], transposed, dtype });
     return { name };
   }
 

@@ -22,7 +22,7 @@ export function dumpGraph(graph: Graph): string {
   const lines: string[] = [`graph ${graph.name} (opset ${graph.opset})`];
   for (const i of graph.inputs) lines.push(`input  ${i.name}: ${i.dtype}[${(i.shape ?? []).join(', ')}]`);
   for (const o of graph.outputs) lines.push(`output ${o.name}: ${o.dtype}${o.shape === undefined ? '' : `[${o.shape.join(', ')}]`}`);
-  for (const p of graph.params) lines.push(`param  ${p.name}: ${p.dtype}[${p.shape.join(', ')}]`);
+  for (const p of graph.params) lines.push(`param  ${p.name}: ${p.dtype}[${p.shape.join(', ')}]${p.transposed ? ` (stored [${p.storedShape.join(', ')}])` : ''}`);
   for (const c of graph.constants) lines.push(`const  ${c.name}: ${c.dtype}[${c.shape.join(', ')}]`);
   for (const n of graph.nodes) {
     const attrs = n.attributes.map(([k, v]) => `${k}=${formatAttr(v)}`).join(' ');

@@ -104,9 +104,9 @@ export class Ops extends GraphBuilder {
     return this.#one('MatMul', [a, b]);
   }
 
-  /** `F.linear(x, weight, bias)` with `weight` [out, in] as PyTorch stores it. */
-  linear(x: Value, weight: Value, bias?: Value): Value {
-    const y = this.matmul(x, this.transpose(weight, [1, 0]));
+  /** `F.linear(x, weight, bias)` with the weight given transposed, [in, out] (see `ParamDecl.transposed`). */
+  linear(x: Value, weightT: Value, bias?: Value): Value {
+    const y = this.matmul(x, weightT);
     return bias === undefined ? y : this.add(y, bias);
   }
 
