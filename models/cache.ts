@@ -18,7 +18,7 @@ import * as path from 'node:path';
 import type { Graph } from './onnx/builder.ts';
 import { serializeModel, type InitializerData } from './onnx/serialize.ts';
 import { DTYPE_BYTES, numel } from './tensor.ts';
-import { readParamBytes, type BoundWeights } from './weights.ts';
+import { readParamBytes, type BoundWeights, type ParamPatch } from './weights.ts';
 
 /** Bump when the weights file layout or graph conventions change. */
 const CACHE_FORMAT = 2;
@@ -46,9 +46,10 @@ export interface PreparedModel {
   readonly weightsReused: boolean;
 }
 
-function weightsKey(bound: BoundWeights): string {
+function weightsKey(bound: BoundWeights, patch: ParamPatch | undefined): string {
   const h = createHash('sha256');
   h.update(`chorus-weights-${CACHE_FORMAT}\n`);
+  if (patch !== undefined) h.update(`patch ${patch.key}\n`);
   const files = new Map<string, string>();
   for (const p of [...bound.params].sort((a, b) => (a.decl.name < b.decl.name ? -1 : 1))) {
     const file = p.tensor.file;
@@ -64,7 +65,7 @@ function weightsKey(bound: BoundWeights): string {
   return h.digest('hex').slice(0, 20);
 }
 
-function writeWeights(dir: string, bound: BoundWeights): Layout {
+function writeWeights(dir: string, bound: BoundWeights, patch: ParamPatch | undefined): Layout {
   const params: Record<string, { offset: number; length: number }> = {};
   const tmp = path.join(dir, `${WEIGHTS_FILE}.${process.pid}.tmp`);
   const fd = fs.openSync(tmp, 'w');
@@ -73,7 +74,7 @@ function writeWeights(dir: string, bound: BoundWeights): Layout {
     for (const p of bound.params) {
       const pad = (ALIGNMENT - (offset % ALIGNMENT)) % ALIGNMENT;
       offset += pad;
-      const bytes = readParamBytes(p);
+      const bytes = readParamBytes(p, patch);
       const expected = numel(p.decl.shape) * DTYPE_BYTES[p.decl.dtype];
       if (bytes.byteLength !== expected) throw new Error(`cache: ${p.decl.name} produced ${bytes.byteLength} bytes, expected ${expected}`);
       let done = 0;
@@ -113,12 +114,12 @@ function writeAtomic(file: string, bytes: Uint8Array): void {
  * Make sure the converted weights and this graph variant exist on disk; return the model path to
  * open. Converting is the slow part and happens once per checkpoint, component and dtype.
  */
-export function prepareModelFiles(graph: Graph, bound: BoundWeights, options: { cacheDir: string; component: string }): PreparedModel {
-  const dir = path.join(options.cacheDir, `${options.component}-${weightsKey(bound)}`);
+export function prepareModelFiles(graph: Graph, bound: BoundWeights, options: { cacheDir: string; component: string; patch?: ParamPatch }): PreparedModel {
+  const dir = path.join(options.cacheDir, `${options.component}-${weightsKey(bound, options.patch)}`);
   fs.mkdirSync(dir, { recursive: true });
   let layout = readLayout(dir, bound);
   const weightsReused = layout !== undefined;
-  if (layout === undefined) layout = writeWeights(dir, bound);
+  if (layout === undefined) layout = writeWeights(dir, bound, options.patch);
   const bytes = serializeModel(graph, (p) => {
     const entry = layout.params[p.name];
     if (entry === undefined) throw new Error(`cache: parameter ${p.name} is not in ${dir}/${LAYOUT_FILE}`);

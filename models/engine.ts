@@ -18,6 +18,14 @@ import type { Tensor } from './tensor.ts';
 import { toFloat32 } from './tensor.ts';
 import { bindWeights, type BindReport } from './weights.ts';
 import type { Component } from './keys/ldm.ts';
+import { bankLayersOf, LORA_MIX_INPUT } from './networks/adapter-bank.ts';
+import { bankFeeds, mixTensor } from './lora/bank.ts';
+import { mergePatch } from './lora/merge.ts';
+import type { LoraComponent, LoraModule, LoraTarget } from './lora/types.ts';
+import { loadLora, loraTargetsFromParams, type LoadedLora, type LdmModuleMap } from './lora/load.ts';
+import { moduleLayers, unetModuleMap } from './keys/ldm.ts';
+import type { ParamPatch } from './weights.ts';
+import * as fs from 'node:fs';
 
 export type GraphKind = 'text_encoder' | 'unet' | 'vae_decoder' | 'vae_encoder';
 
@@ -38,7 +46,66 @@ export interface TextEncoderVariant {
   readonly clipSkip?: number;
 }
 
-export type GraphVariant = UnetVariant & TextEncoderVariant;
+export interface LoraVariant {
+  /** Build with adapter-bank inputs (LoRAs as runtime inputs). */
+  readonly adapterBank?: boolean;
+}
+
+export type GraphVariant = UnetVariant & TextEncoderVariant & LoraVariant;
+
+/** A LoRA as the engine applies it: its normalised modules and the strengths for each component. */
+export interface StackEntry {
+  readonly path: string;
+  readonly name: string;
+  readonly modules: readonly LoraModule[];
+  /** Text-encoder strength (A1111's te multiplier). */
+  readonly te: number;
+  /** UNet strength. */
+  readonly unet: number;
+}
+
+/**
+ * An ordered LoRA stack: adapter k of the bank is `entries[k]`. A value: the same files in the same
+ * order give the same `id`, which keys the bank inputs and the merged weights in the caches.
+ */
+export class AdapterStack {
+  readonly entries: readonly StackEntry[];
+  readonly id: string;
+
+  constructor(entries: readonly StackEntry[]) {
+    this.entries = entries;
+    this.id = entries.map((e) => fileIdentity(e.path)).join('\n');
+  }
+
+  get size(): number {
+    return this.entries.length;
+  }
+
+  /** Strengths of every adapter for one component, in stack order (the "merge" mix row). */
+  strengths(component: LoraComponent): number[] {
+    return this.entries.map((e) => (component === 'unet' ? e.unet : e.te));
+  }
+}
+
+function fileIdentity(file: string): string {
+  try {
+    const st = fs.statSync(file);
+    return `${fs.realpathSync(file)}|${st.size}|${st.mtimeMs}`;
+  } catch {
+    return file;
+  }
+}
+
+/**
+ * How a call applies LoRAs:
+ * - `bank`: the stack's adapters are bank inputs and `mix[b][k]` is adapter k's strength for batch
+ *   element b (so each element may use different LoRAs; switching needs no rebuild);
+ * - `merged`: the stack is baked into the weights at its strengths (fixed stack; required for LoKr
+ *   and full diffs). Same outputs as a bank call with every row of the mix = the strengths.
+ */
+export type AdapterUse =
+  | { readonly mode: 'bank'; readonly stack: AdapterStack; readonly mix: readonly (readonly number[])[] }
+  | { readonly mode: 'merged'; readonly stack: AdapterStack };
 
 export interface TextEncoderOutput {
   readonly lastHiddenState: Tensor<'float32'>;
@@ -68,6 +135,7 @@ export class Sd15Engine {
   readonly #threads: number | undefined;
   readonly #sessions = new Map<string, Promise<OrtSession>>();
   readonly #reports = new Map<GraphKind, BindReport>();
+  readonly #bankFeeds = new Map<string, Record<string, Tensor>>();
 
   private constructor(model: OpenedModel, options: EngineOptions) {
     this.model = model;
@@ -81,17 +149,41 @@ export class Sd15Engine {
     return new Sd15Engine(openModel(modelPath, options), options);
   }
 
+  #loraTargets: LoraTarget[] | undefined;
+
+  /** Every weight a LoRA may change in this model (from the UNet and text-encoder graphs). */
+  loraTargets(): readonly LoraTarget[] {
+    this.#loraTargets ??= [
+      ...loraTargetsFromParams('unet', this.buildGraph('unet').params),
+      ...loraTargetsFromParams('text_encoder', this.buildGraph('text_encoder').params),
+    ];
+    return this.#loraTargets;
+  }
+
+  /**
+   * Read a LoRA file and match it against this model: normalised modules plus a coverage report.
+   * Throws ModelError (UNKNOWN_LORA_FORMAT, LORA_BASE_MISMATCH, UNSUPPORTED_LORA, the safetensors codes, …).
+   */
+  loadLora(file: string): LoadedLora {
+    const ldm: LdmModuleMap = new Map(moduleLayers(unetModuleMap(this.model.unet)).map((l) => [l.ldm, { component: 'unet' as const, module: l.diffusers }]));
+    return loadLora(file, this.loraTargets(), { ldmModuleMap: ldm });
+  }
+
   /** The binder's report for a graph that has been loaded (unexpected keys, dtype conversions). */
   bindReport(kind: GraphKind): BindReport | undefined {
     return this.#reports.get(kind);
   }
 
   buildGraph(kind: GraphKind, variant: GraphVariant = {}): Graph {
+    const adapterBank = variant.adapterBank === true;
     switch (kind) {
       case 'text_encoder':
-        return buildClipTextGraph(this.model.textEncoder, variant.clipSkip !== undefined && variant.clipSkip >= 3 ? { extraClipSkips: [variant.clipSkip] } : {});
+        return buildClipTextGraph(this.model.textEncoder, {
+          adapterBank,
+          ...(variant.clipSkip !== undefined && variant.clipSkip >= 3 ? { extraClipSkips: [variant.clipSkip] } : {}),
+        });
       case 'unet':
-        return buildUnetGraph(this.model.unet, variant);
+        return buildUnetGraph(this.model.unet, { ...variant, adapterBank });
       case 'vae_decoder':
         return buildVaeDecoderGraph(this.model.vae);
       case 'vae_encoder':
@@ -99,12 +191,15 @@ export class Sd15Engine {
     }
   }
 
-  /** The session for a graph (and UNet variant), building and caching it on first use. */
-  session(kind: GraphKind, variant: GraphVariant = {}): Promise<OrtSession> {
-    const key = `${kind}|${JSON.stringify(variant)}`;
+  /**
+   * The session for a graph variant, building and caching it on first use. With `patch`, the
+   * weights are patched before they are stored (merged LoRAs).
+   */
+  session(kind: GraphKind, variant: GraphVariant = {}, patch?: ParamPatch): Promise<OrtSession> {
+    const key = `${kind}|${JSON.stringify(variant)}|${patch?.key ?? ''}`;
     let s = this.#sessions.get(key);
     if (s === undefined) {
-      s = this.#createSession(kind, variant);
+      s = this.#createSession(kind, variant, patch);
       this.#sessions.set(key, s);
       s.catch(() => this.#sessions.delete(key));
     }
@@ -117,18 +212,48 @@ export class Sd15Engine {
     return first.done === true ? undefined : (await first.value).choice;
   }
 
-  async #createSession(kind: GraphKind, variant: GraphVariant): Promise<OrtSession> {
+  async #createSession(kind: GraphKind, variant: GraphVariant, patch: ParamPatch | undefined): Promise<OrtSession> {
     const graph = this.buildGraph(kind, variant);
     const bound = bindWeights(graph.params, this.model.weights(COMPONENT_OF[kind]));
     this.#reports.set(kind, bound.report);
-    const prepared = prepareModelFiles(graph, bound, { cacheDir: this.cacheDir, component: kind });
+    const prepared = prepareModelFiles(graph, bound, { cacheDir: this.cacheDir, component: kind, ...(patch === undefined ? {} : { patch }) });
     return OrtSession.create(prepared.modelPath, { device: this.device, ...(this.#threads === undefined ? {} : { threads: this.#threads }) });
   }
 
+  /**
+   * The session and extra feeds that apply `adapters` to a graph (`kind` is the text encoder or the
+   * UNet). Bank inputs are built once per stack and component and reused.
+   */
+  async #withAdapters(kind: 'text_encoder' | 'unet', variant: GraphVariant, adapters: AdapterUse | undefined, batch: number): Promise<{ session: OrtSession; feeds: Record<string, Tensor> }> {
+    const component: LoraComponent = kind;
+    if (adapters === undefined || adapters.stack.size === 0) return { session: await this.session(kind, variant), feeds: {} };
+    if (adapters.mode === 'merged') {
+      const patch = mergePatch(
+        component,
+        adapters.stack.entries.map((e) => ({ identity: fileIdentity(e.path), name: e.name, modules: e.modules, strength: component === 'unet' ? e.unet : e.te })),
+      );
+      return { session: await this.session(kind, variant, patch), feeds: {} };
+    }
+    const K = adapters.stack.size;
+    if (adapters.mix.length !== batch || adapters.mix.some((row) => row.length !== K)) {
+      throw new ModelError('SHAPE_MISMATCH', `the LoRA mix must have one row of ${K} strengths per batch element (${batch}); got ${adapters.mix.length} rows.`, { input: LORA_MIX_INPUT });
+    }
+    const bankVariant = { ...variant, adapterBank: true };
+    const session = await this.session(kind, bankVariant);
+    const cacheKey = `${kind}|${adapters.stack.id}`;
+    let feeds = this.#bankFeeds.get(cacheKey);
+    if (feeds === undefined) {
+      feeds = bankFeeds(bankLayersOf(this.buildGraph(kind, bankVariant)), component, adapters.stack.entries);
+      this.#bankFeeds.set(cacheKey, feeds);
+    }
+    return { session, feeds: { ...feeds, [LORA_MIX_INPUT]: mixTensor(adapters.mix, K) } };
+  }
+
   /** CLIP text encoder on token ids (B, S), S ≤ max_position_embeddings. */
-  async encodeText(inputIds: Tensor): Promise<TextEncoderOutput> {
+  async encodeText(inputIds: Tensor, adapters?: AdapterUse): Promise<TextEncoderOutput> {
     const ids = this.#checkIds(inputIds);
-    const out = await (await this.session('text_encoder')).run({ input_ids: ids });
+    const { session, feeds } = await this.#withAdapters('text_encoder', {}, adapters, ids.shape[0]!);
+    const out = await session.run({ ...feeds, input_ids: ids }, ['last_hidden_state', 'penultimate_raw', 'penultimate_final_ln']);
     return {
       lastHiddenState: f32(out.last_hidden_state!),
       penultimateRaw: f32(out.penultimate_raw!),
@@ -140,18 +265,17 @@ export class Sd15Engine {
    * The text conditioning at an A1111 clip skip: 1 = the last layer, N ≥ 2 = final_layer_norm of
    * hidden_states[−N]. Throws SHAPE_MISMATCH (input `clip_skip`) for N outside 1…layers.
    */
-  async encodeTextAtClipSkip(inputIds: Tensor, clipSkip: number): Promise<Tensor<'float32'>> {
+  async encodeTextAtClipSkip(inputIds: Tensor, clipSkip: number, adapters?: AdapterUse): Promise<Tensor<'float32'>> {
     const layers = this.model.textEncoder.numHiddenLayers;
     if (!Number.isInteger(clipSkip) || clipSkip < 1 || clipSkip > layers) {
       throw new ModelError('SHAPE_MISMATCH', `clip skip ${clipSkip} is outside 1…${layers} for this ${layers}-layer text encoder.`, { input: 'clip_skip', clipSkip });
     }
     const ids = this.#checkIds(inputIds);
-    if (clipSkip <= 2) {
-      const out = await this.encodeText(ids);
-      return clipSkip === 1 ? out.lastHiddenState : out.penultimateFinalLn;
-    }
-    const out = await (await this.session('text_encoder', { clipSkip })).run({ input_ids: ids }, [`clip_skip_${clipSkip}`]);
-    return f32(out[`clip_skip_${clipSkip}`]!);
+    const output = clipSkip === 1 ? 'last_hidden_state' : clipSkip === 2 ? 'penultimate_final_ln' : `clip_skip_${clipSkip}`;
+    const variant = clipSkip >= 3 ? { clipSkip } : {};
+    const { session, feeds } = await this.#withAdapters('text_encoder', variant, adapters, ids.shape[0]!);
+    const out = await session.run({ ...feeds, input_ids: ids }, [output]);
+    return f32(out[output]!);
   }
 
   #checkIds(inputIds: Tensor): Tensor<'int64'> {
@@ -168,7 +292,7 @@ export class Sd15Engine {
   }
 
   /** One UNet evaluation. Returns `noise_pred` and any requested taps / debug outputs by name. */
-  async runUnet(input: UnetInput, variant: UnetVariant = {}): Promise<Record<string, Tensor<'float32'>>> {
+  async runUnet(input: UnetInput, variant: UnetVariant = {}, adapters?: AdapterUse): Promise<Record<string, Tensor<'float32'>>> {
     const c = this.model.unet;
     const { sample, encoderHiddenStates: ctx } = input;
     if (sample.shape.length !== 4 || sample.shape[1] !== c.inChannels) {
@@ -185,8 +309,8 @@ export class Sd15Engine {
     if (t.data.length !== 1 && t.data.length !== batch) {
       throw new ModelError('SHAPE_MISMATCH', `timestep must hold 1 or ${batch} values, got ${t.data.length}.`, { input: 'timestep', shape: t.shape });
     }
-    const session = await this.session('unet', variant);
-    const out = await session.run({ sample: f32(sample), timestep: { dtype: 'float32', shape: [t.data.length], data: t.data }, encoder_hidden_states: f32(ctx) });
+    const { session, feeds } = await this.#withAdapters('unet', variant, adapters, batch);
+    const out = await session.run({ ...feeds, sample: f32(sample), timestep: { dtype: 'float32', shape: [t.data.length], data: t.data }, encoder_hidden_states: f32(ctx) });
     const result: Record<string, Tensor<'float32'>> = {};
     for (const [k, v] of Object.entries(out)) result[k] = f32(v);
     return result;

@@ -130,12 +130,23 @@ function transpose2d(src: Float32Array, rows: number, cols: number): Float32Arra
   return out;
 }
 
-/** One bound parameter's bytes in its declared dtype and layout (little-endian). */
-export function readParamBytes(p: BoundParam): Uint8Array {
+/**
+ * A change to parameter values before they are stored (the merged-weights variant adds LoRA deltas).
+ * `apply` gets the values in the stored layout (linear [out, in]) and returns the new values, or
+ * undefined to leave the parameter alone; `key` identifies the change for the cache.
+ */
+export interface ParamPatch {
+  readonly key: string;
+  apply(name: string, values: Float32Array, storedShape: readonly number[]): Float32Array | undefined;
+}
+
+/** One bound parameter's bytes in its declared dtype and layout (little-endian), patched if asked. */
+export function readParamBytes(p: BoundParam, patch?: ParamPatch): Uint8Array {
   const info = p.tensor.file.info(p.tensor.key);
-  if (info.dtype === p.decl.dtype && !p.decl.transposed) return p.tensor.file.readBytes(p.tensor.key);
-  const t = p.tensor.file.read(p.tensor.key);
-  let f32 = toFloat32(t);
+  let patched: Float32Array | undefined;
+  if (patch !== undefined) patched = patch.apply(p.decl.name, toFloat32(p.tensor.file.read(p.tensor.key)), p.decl.storedShape);
+  if (patched === undefined && info.dtype === p.decl.dtype && !p.decl.transposed) return p.tensor.file.readBytes(p.tensor.key);
+  let f32 = patched ?? toFloat32(p.tensor.file.read(p.tensor.key));
   if (p.decl.transposed) f32 = transpose2d(f32, p.decl.storedShape[0]!, p.decl.storedShape[1]!);
   switch (p.decl.dtype) {
     case 'float32':

@@ -15,7 +15,7 @@
  *
  * Notation: `chunk` = 77 token ids; `z` = hidden states (B, 77, D); `w` = per-token multipliers.
  */
-import type { Tensor } from '../models/index.ts';
+import type { AdapterUse, Tensor } from '../models/index.ts';
 import { PipelineError } from './errors.ts';
 import type { TextEncoderModel } from './models.ts';
 import { getPromptSchedule, parseComposable, parsePromptAttention } from './prompt/a1111.ts';
@@ -105,11 +105,11 @@ export function tokenizeLine(text: string, tokenizer: TextEncoderModel['tokenize
 }
 
 /** Encode chunks (one prompt) and apply emphasis: (1, 77·k, D). */
-export async function encodeChunks(chunks: readonly PromptChunk[], encoder: TextEncoderModel, options: ConditioningOptions): Promise<Tensor<'float32'>> {
+export async function encodeChunks(chunks: readonly PromptChunk[], encoder: TextEncoderModel, options: ConditioningOptions, adapters?: AdapterUse): Promise<Tensor<'float32'>> {
   const parts: Float32Array[] = [];
   let width = 0;
   for (const chunk of chunks) {
-    const z = await encoder.encode([chunk.tokens], options.clipSkip);
+    const z = await encoder.encode([chunk.tokens], options.clipSkip, adapters);
     const [, seq, dim] = z.shape as [number, number, number];
     width = dim;
     const data = Float32Array.from(z.data);
@@ -173,7 +173,10 @@ export function conditioningAt(schedule: readonly ScheduledConditioning[], step:
  * Encode a prompt and its negative for `steps` sampling steps: AND sub-prompts (positive only),
  * prompt-editing schedules, chunking and emphasis. Identical texts are encoded once.
  */
-export async function encodePrompts(prompt: string, negativePrompt: string, steps: number, encoder: TextEncoderModel, options: ConditioningOptions): Promise<PromptConditioning> {
+/**
+ * `adapters` applies LoRAs to the text encoder (one mix row: each chunk is encoded on its own).
+ */
+export async function encodePrompts(prompt: string, negativePrompt: string, steps: number, encoder: TextEncoderModel, options: ConditioningOptions, adapters?: AdapterUse): Promise<PromptConditioning> {
   if (!Number.isInteger(options.clipSkip) || options.clipSkip < 1 || options.clipSkip > encoder.layers) {
     throw new PipelineError('BAD_ARGUMENT', `clip skip must be an integer from 1 to ${encoder.layers} for this model, got ${options.clipSkip}.`, { field: 'clipSkip', value: options.clipSkip });
   }
@@ -181,7 +184,7 @@ export async function encodePrompts(prompt: string, negativePrompt: string, step
   const encodeText = (text: string): Promise<Tensor<'float32'>> => {
     let hit = cache.get(text);
     if (hit === undefined) {
-      hit = encodeChunks(tokenizeLine(text, encoder.tokenizer, options).chunks, encoder, options);
+      hit = encodeChunks(tokenizeLine(text, encoder.tokenizer, options).chunks, encoder, options, adapters);
       cache.set(text, hit);
     }
     return hit;

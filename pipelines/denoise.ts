@@ -11,7 +11,7 @@
  *     5. x ← scheduler.step(ε, i, x [, noise_i])        noise_i drawn only by ancestral schedulers
  *     6. report progress (and honour cancellation)
  */
-import type { Tensor } from '../models/index.ts';
+import type { AdapterStack, AdapterUse, Tensor } from '../models/index.ts';
 import { PipelineError } from './errors.ts';
 import type { DenoiserModel } from './models.ts';
 import type { Scheduler } from './schedulers/types.ts';
@@ -38,6 +38,11 @@ export interface DenoiseRun<S> {
   readonly steps: number;
   /** Fresh N(0, 1) noise for evaluation i, drawn only when the scheduler needs it. */
   readonly noise: (evaluation: number) => Float32Array;
+  /**
+   * The LoRA stack of the run: `bank` evaluates each branch with its own mix row (runtime inputs);
+   * `merged` uses weights with the stack baked in (every branch must use the stack's strengths).
+   */
+  readonly adapters?: { readonly stack: AdapterStack; readonly mode: 'bank' | 'merged' };
   /** Largest batch per denoiser call (images × branches); larger groups are split. */
   readonly maxBatch?: number;
   readonly signal?: AbortSignal;
@@ -55,7 +60,29 @@ function repeatContext(context: Tensor<'float32'>, times: number): Tensor<'float
  * Step 3: evaluate every branch on the whole batch. Branches whose contexts have the same length
  * are stacked into one call (up to `maxBatch` samples); outputs come back per branch.
  */
-async function runBranches(denoiser: DenoiserModel, branches: readonly Branch[], modelInput: Float32Array, shape: readonly number[], timestep: number, maxBatch: number): Promise<Float32Array[]> {
+/** The adapters of one denoiser call: each branch's mix row, repeated for every image. */
+function callAdapters(adapters: DenoiseRun<unknown>['adapters'], branches: readonly Branch[], batch: number): AdapterUse | undefined {
+  if (adapters === undefined || adapters.stack.size === 0) return undefined;
+  const { stack, mode } = adapters;
+  const defaults = stack.strengths('unet');
+  if (mode === 'merged') {
+    if (branches.some((b) => b.mix !== undefined && b.mix.some((m, k) => m !== defaults[k]))) {
+      throw new PipelineError('BAD_ARGUMENT', 'this strategy mixes LoRAs per branch, which needs the adapter bank; the merged-weights mode bakes one fixed stack.', { mode });
+    }
+    return { mode, stack };
+  }
+  return { mode, stack, mix: branches.flatMap((b) => Array.from({ length: batch }, () => b.mix ?? defaults)) };
+}
+
+async function runBranches(
+  denoiser: DenoiserModel,
+  branches: readonly Branch[],
+  modelInput: Float32Array,
+  shape: readonly number[],
+  timestep: number,
+  maxBatch: number,
+  adapters: DenoiseRun<unknown>['adapters'],
+): Promise<Float32Array[]> {
   const [batch, ...rest] = shape as [number, number, number, number];
   const per = modelInput.length / batch;
   const outputs = new Array<Float32Array>(branches.length);
@@ -78,6 +105,7 @@ async function runBranches(denoiser: DenoiserModel, branches: readonly Branch[],
         { dtype: 'float32', shape: [call.length * batch, ...rest], data: sample },
         timestep,
         { dtype: 'float32', shape: [call.length * batch, seq, dim], data: context },
+        callAdapters(adapters, call.map((i) => branches[i]!), batch),
       );
       call.forEach((i, k) => (outputs[i] = eps.data.slice(k * batch * per, (k + 1) * batch * per)));
     }
@@ -99,7 +127,7 @@ export async function denoise<S>(run: DenoiseRun<S>): Promise<Float32Array> {
     const ctx: StepContext = { evaluation: i, step: Math.min(run.steps - 1, Math.floor((i * run.steps) / evaluations)), timestep, batch: run.shape[0] };
     const branches = strategy.branches(state, ctx);
     const modelInput = scheduler.scaleModelInput(latents, i);
-    const outputs = await runBranches(run.denoiser, branches, modelInput, run.shape, timestep, run.maxBatch ?? Number.MAX_SAFE_INTEGER);
+    const outputs = await runBranches(run.denoiser, branches, modelInput, run.shape, timestep, run.maxBatch ?? Number.MAX_SAFE_INTEGER, run.adapters);
     const noisePred = strategy.combine(state, ctx, outputs);
     latents = scheduler.step(noisePred, i, latents, scheduler.needsNoise ? run.noise(i) : undefined);
     run.onProgress?.({ evaluation: i, evaluations, step: ctx.step, timestep, latents });

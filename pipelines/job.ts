@@ -9,6 +9,18 @@ import type { RngKind } from './rng/index.ts';
 import { resolveSampler } from './schedulers/index.ts';
 import { parseSeed, SEED_MAX } from './rng/index.ts';
 
+/** A LoRA of the job: a library name (file stem or alias) or a path, with A1111's two strengths. */
+export interface JobLora {
+  readonly name: string;
+  /** Text-encoder strength. */
+  readonly te: number;
+  /** UNet strength (A1111: defaults to the TE strength). */
+  readonly unet: number;
+}
+
+/** How LoRAs are applied: `bank` (runtime inputs), `merged` (baked into the weights), `auto` (merged only when a LoRA is not low-rank). */
+export type LoraMode = 'auto' | 'bank' | 'merged';
+
 export interface GenerateJob {
   /** Diffusers folder or single-file checkpoint. */
   readonly model: string;
@@ -31,6 +43,9 @@ export interface GenerateJob {
   /** 'cpu' = torch CPU generator (diffusers, ComfyUI); 'nv' = A1111's default GPU seeds. */
   readonly rng: RngKind;
   readonly emphasis: EmphasisMode;
+  /** LoRAs besides the prompt's `<lora:…>` tags. */
+  readonly loras: readonly JobLora[];
+  readonly loraMode: LoraMode;
 }
 
 export const JOB_DEFAULTS = {
@@ -46,6 +61,7 @@ export const JOB_DEFAULTS = {
   batchCount: 1,
   rng: 'cpu',
   emphasis: 'original',
+  loraMode: 'auto',
 } as const;
 
 /** Image side limits in pixels: a multiple of 8, from 64 to 4096 (a 4096² latent is 512², far beyond SD 1.5's use). */
@@ -59,6 +75,21 @@ export const MAX_CLIP_SKIP = 24;
 const EMPHASIS_MODES: readonly EmphasisMode[] = ['original', 'no-norm', 'ignore', 'none'];
 
 export type JobInput = Partial<Omit<GenerateJob, 'seed'>> & { model: string; prompt: string; seed?: bigint | number | string };
+
+/** LoRA strengths beyond ±10 are almost certainly typos; A1111's UI slider spans −1…2. */
+const MAX_LORA_STRENGTH = 10;
+
+function normalizeLoras(loras: readonly JobLora[] | undefined): JobLora[] {
+  return (loras ?? []).map((l, i) => {
+    if (typeof l.name !== 'string' || l.name.trim() === '') throw new PipelineError('BAD_ARGUMENT', `loras[${i}]: a LoRA needs a name or a path.`, { field: `loras[${i}].name` });
+    for (const k of ['te', 'unet'] as const) {
+      if (!Number.isFinite(l[k]) || Math.abs(l[k]) > MAX_LORA_STRENGTH) {
+        throw new PipelineError('BAD_ARGUMENT', `loras[${i}] (${l.name}): ${k} strength must be a number from −${MAX_LORA_STRENGTH} to ${MAX_LORA_STRENGTH}, got ${l[k]}.`, { field: `loras[${i}].${k}` });
+      }
+    }
+    return { name: l.name, te: l.te, unet: l.unet };
+  });
+}
 
 function int(field: string, value: number, min: number, max: number, hint = ''): number {
   if (!Number.isInteger(value) || value < min || value > max) {
@@ -102,7 +133,10 @@ export function normalizeJob(input: JobInput): GenerateJob {
     batchCount: int('batchCount', input.batchCount ?? JOB_DEFAULTS.batchCount, 1, 10_000),
     rng: input.rng ?? JOB_DEFAULTS.rng,
     emphasis: input.emphasis ?? JOB_DEFAULTS.emphasis,
+    loras: normalizeLoras(input.loras),
+    loraMode: input.loraMode ?? JOB_DEFAULTS.loraMode,
   };
+  if (!['auto', 'bank', 'merged'].includes(job.loraMode)) throw new PipelineError('BAD_ARGUMENT', `loraMode must be auto, bank or merged, got ${JSON.stringify(job.loraMode)}.`, { field: 'loraMode' });
   if (typeof job.negativePrompt !== 'string') throw new PipelineError('BAD_PROMPT', 'negative prompt must be text.', { field: 'negativePrompt' });
   if (!Number.isFinite(job.cfgScale) || job.cfgScale < 0 || job.cfgScale > 100) {
     throw new PipelineError('BAD_ARGUMENT', `cfgScale must be a number from 0 to 100, got ${job.cfgScale}.`, { field: 'cfgScale', value: job.cfgScale });

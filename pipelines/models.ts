@@ -3,7 +3,10 @@
  * adapter at the bottom implements them on `Sd15Engine`; tests implement them with fakes that
  * record their calls.
  */
-import { ClipTokenizer, type Sd15Engine, type Tensor } from '../models/index.ts';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { PipelineError } from './errors.ts';
+import { ClipTokenizer, resolveLoraName, scanLoraFolders, type AdapterUse, type LoadedLora, type LoraLibraryEntry, type Sd15Engine, type Tensor } from '../models/index.ts';
 
 /** What prompt processing needs from the tokenizer. */
 export interface PromptTokenizer {
@@ -20,18 +23,34 @@ export interface TextEncoderModel {
   readonly tokenizer: PromptTokenizer;
   /** Number of transformer layers (clip skip is 1…layers). */
   readonly layers: number;
-  /** Token ids (B rows of 77) → hidden states (B, 77, D) at an A1111 clip skip. */
-  encode(ids: readonly (readonly number[])[], clipSkip: number): Promise<Tensor<'float32'>>;
+  /** Token ids (B rows of 77) → hidden states (B, 77, D) at an A1111 clip skip, with LoRAs if given. */
+  encode(ids: readonly (readonly number[])[], clipSkip: number, adapters?: AdapterUse): Promise<Tensor<'float32'>>;
 }
 
 export interface DenoiserModel {
   /** One UNet evaluation: sample (B, C, h, w), one timestep for the batch, context (B, S, D) → ε (B, C, h, w). */
-  predict(sample: Tensor<'float32'>, timestep: number, context: Tensor<'float32'>): Promise<Tensor<'float32'>>;
+  predict(sample: Tensor<'float32'>, timestep: number, context: Tensor<'float32'>, adapters?: AdapterUse): Promise<Tensor<'float32'>>;
 }
 
 export interface LatentDecoderModel {
   /** UNet-space latents (B, C, h, w) → images in [0, 1] (B, 3, 8h, 8w). */
   decode(latents: Tensor<'float32'>): Promise<Tensor<'float32'>>;
+}
+
+/** A LoRA file found by name or path. */
+export interface ResolvedLoraFile {
+  readonly path: string;
+  /** The name the infotext uses (A1111: the file stem, or the alias it was called by). */
+  readonly name: string;
+  /** A1111's short hash (12 hex of the sha256 after the header). */
+  readonly shortHash: string;
+}
+
+export interface LoraProvider {
+  /** Find a LoRA by file stem, `ss_output_name` alias or path. Throws when unknown or ambiguous. */
+  resolve(nameOrPath: string): Promise<ResolvedLoraFile>;
+  /** Read and match a LoRA file against the model. */
+  load(path: string): LoadedLora;
 }
 
 export interface SdModels {
@@ -42,6 +61,7 @@ export interface SdModels {
   /** Pixels per latent cell (8 for SD). */
   readonly vaeScale: number;
   readonly schedulerConfig: Readonly<Record<string, unknown>>;
+  readonly loras: LoraProvider;
 }
 
 /** The VAE downsamples by 2 per level except the last. */
@@ -49,8 +69,34 @@ function vaeScaleOf(levels: number): number {
   return 2 ** (levels - 1);
 }
 
+/**
+ * LoRAs by name from library folders (scanned on first use), or by path. Hashes are computed when a
+ * LoRA is used, with the library's hash cache in the engine's cache folder.
+ */
+function libraryLoraProvider(engine: Sd15Engine, loraDirs: readonly string[]): LoraProvider {
+  let entries: Promise<LoraLibraryEntry[]> | undefined;
+  const cache = path.join(engine.cacheDir, 'lora-hashes.json');
+  return {
+    async resolve(nameOrPath) {
+      const isPath = nameOrPath.endsWith('.safetensors') && fs.existsSync(nameOrPath);
+      const roots = isPath ? [path.dirname(path.resolve(nameOrPath))] : loraDirs;
+      if (!isPath && roots.length === 0) {
+        throw new PipelineError('BAD_ARGUMENT', `LoRA "${nameOrPath}": no LoRA folder is set. Pass --lora-dir <folder> (an A1111 or ComfyUI install works) or a path to the .safetensors file.`, { lora: nameOrPath });
+      }
+      const list = isPath ? await scanLoraFolders(roots, { hashes: true, cache }) : await (entries ??= scanLoraFolders(roots, { cache }));
+      const entry = resolveLoraName(list, isPath ? path.resolve(nameOrPath) : nameOrPath);
+      if (entry === undefined) {
+        throw new PipelineError('BAD_ARGUMENT', `LoRA "${nameOrPath}" is not in ${roots.join(', ')} (looked for a file stem or ss_output_name alias).`, { lora: nameOrPath, folders: roots });
+      }
+      const hashed = entry.shortHash !== undefined ? entry : (await scanLoraFolders([entry.root], { hashes: true, cache })).find((e) => e.path === entry.path) ?? entry;
+      return { path: entry.path, name: isPath ? entry.name : nameOrPath, shortHash: hashed.shortHash ?? '' };
+    },
+    load: (file) => engine.loadLora(file),
+  };
+}
+
 /** Adapt an opened engine to the pipeline interfaces. */
-export function engineModels(engine: Sd15Engine): SdModels {
+export function engineModels(engine: Sd15Engine, options: { loraDirs?: readonly string[] } = {}): SdModels {
   let tokenizer: ClipTokenizer | undefined;
   const tok = (): ClipTokenizer => (tokenizer ??= engine.model.loadTokenizer());
   const promptTokenizer: PromptTokenizer = {
@@ -73,17 +119,17 @@ export function engineModels(engine: Sd15Engine): SdModels {
     textEncoder: {
       tokenizer: promptTokenizer,
       layers: engine.model.textEncoder.numHiddenLayers,
-      async encode(ids, clipSkip) {
+      async encode(ids, clipSkip, adapters) {
         const rows = ids.length;
         const cols = ids[0]?.length ?? 0;
         const data = new BigInt64Array(rows * cols);
         ids.forEach((row, r) => row.forEach((id, c) => (data[r * cols + c] = BigInt(id))));
-        return engine.encodeTextAtClipSkip({ dtype: 'int64', shape: [rows, cols], data }, clipSkip);
+        return engine.encodeTextAtClipSkip({ dtype: 'int64', shape: [rows, cols], data }, clipSkip, adapters);
       },
     },
     denoiser: {
-      async predict(sample, timestep, context) {
-        const out = await engine.runUnet({ sample, timestep: { dtype: 'float32', shape: [1], data: new Float32Array([timestep]) }, encoderHiddenStates: context });
+      async predict(sample, timestep, context, adapters) {
+        const out = await engine.runUnet({ sample, timestep: { dtype: 'float32', shape: [1], data: new Float32Array([timestep]) }, encoderHiddenStates: context }, {}, adapters);
         return out.noise_pred!;
       },
     },
@@ -95,5 +141,6 @@ export function engineModels(engine: Sd15Engine): SdModels {
     latentChannels: engine.model.unet.inChannels,
     vaeScale: vaeScaleOf(engine.model.vae.blockOutChannels.length),
     schedulerConfig: engine.model.schedulerConfig,
+    loras: libraryLoraProvider(engine, options.loraDirs ?? []),
   };
 }

@@ -6,13 +6,13 @@
  *      so every image can be reproduced alone), run the denoising loop, decode;
  *   4. hand back images with their seeds and final latents (saving is `images/save.ts`).
  */
-import type { Tensor } from '../models/index.ts';
+import { AdapterStack, type AdapterUse, type CoverageReport, type Tensor } from '../models/index.ts';
 import { encodePrompts, type ConditioningOptions } from './conditioning.ts';
 import { denoise, type DenoiseProgress } from './denoise.ts';
 import { PipelineError } from './errors.ts';
-import type { GenerateJob } from './job.ts';
+import type { GenerateJob, JobLora } from './job.ts';
 import type { SdModels } from './models.ts';
-import { extractExtraNetworks } from './prompt/a1111.ts';
+import { extractExtraNetworks, loraWeights, type ExtraNetworkTag } from './prompt/a1111.ts';
 import { createGenerator, type NoiseGenerator } from './rng/index.ts';
 import { createScheduler, parseSchedulerConfig, resolveSampler, type InfotextSampler } from './schedulers/index.ts';
 import { plainStrategy } from './strategies/plain.ts';
@@ -36,19 +36,64 @@ export interface GenerateProgress extends DenoiseProgress {
 export interface GenerateOptions {
   readonly signal?: AbortSignal;
   readonly onProgress?: (p: GenerateProgress) => void;
-  /** Called as each image is ready (so a long run saves as it goes). */
-  readonly onImage?: (img: GeneratedImage) => void | Promise<void>;
+  /** Called as each image is ready (so a long run saves as it goes), with what the run applied. */
+  readonly onImage?: (img: GeneratedImage, run: RunInfo) => void | Promise<void>;
   /** Replaces the seeded initial noise of the first batch: (batchSize, C, h, w). */
   readonly initLatents?: Tensor;
   readonly maxBatch?: number;
 }
 
-export interface GenerateResult {
-  readonly images: readonly GeneratedImage[];
-  /** The sampler as an A1111 infotext names it. */
+/** A LoRA as it was applied: where it came from, its strengths, hash and coverage. */
+export interface AppliedLora {
+  readonly name: string;
+  readonly path: string;
+  readonly shortHash: string;
+  readonly te: number;
+  readonly unet: number;
+  readonly coverage: CoverageReport;
+}
+
+/** What a run applied, for the image metadata. */
+export interface RunInfo {
   readonly sampler: InfotextSampler;
-  /** LoRA tags found in the prompt (loading them is the LoRA adapter bank's work). */
-  readonly loraTags: ReadonlyArray<{ name: string; args: readonly string[] }>;
+  readonly loras: readonly AppliedLora[];
+  readonly loraMode: 'bank' | 'merged' | 'none';
+}
+
+export interface GenerateResult extends RunInfo {
+  readonly images: readonly GeneratedImage[];
+}
+
+/** `<lora:…>` / `<lyco:…>` tags → job LoRAs (A1111: UNet strength defaults to the TE strength). */
+export function lorasFromTags(networks: readonly ExtraNetworkTag[]): JobLora[] {
+  return networks
+    .filter((n) => n.type === 'lora' || n.type === 'lyco')
+    .map((n) => {
+      const w = loraWeights(n);
+      return { name: n.name, te: w.te, unet: w.unet };
+    });
+}
+
+/**
+ * Resolve and load the job's LoRAs (job list first, then prompt tags). The same file named twice
+ * is applied once with the strengths added, which is what applying it twice does to the weights.
+ */
+export async function loadJobLoras(refs: readonly JobLora[], models: SdModels): Promise<{ stack: AdapterStack; applied: AppliedLora[]; needsMerged: boolean }> {
+  const byPath = new Map<string, AppliedLora & { modules: ReturnType<SdModels['loras']['load']>['modules']; merged: boolean }>();
+  for (const ref of refs) {
+    const file = await models.loras.resolve(ref.name);
+    const seen = byPath.get(file.path);
+    if (seen !== undefined) {
+      byPath.set(file.path, { ...seen, te: seen.te + ref.te, unet: seen.unet + ref.unet });
+      continue;
+    }
+    const lora = models.loras.load(file.path);
+    byPath.set(file.path, { name: file.name, path: file.path, shortHash: file.shortHash, te: ref.te, unet: ref.unet, coverage: lora.coverage, modules: lora.modules, merged: lora.needsMergedWeights });
+  }
+  const entries = [...byPath.values()];
+  const stack = new AdapterStack(entries.map((e) => ({ path: e.path, name: e.name, modules: e.modules, te: e.te, unet: e.unet })));
+  const applied = entries.map(({ name, path, shortHash, te, unet, coverage }) => ({ name, path, shortHash, te, unet, coverage }));
+  return { stack, applied, needsMerged: entries.some((e) => e.merged) };
 }
 
 /** Run a normalized job on the given models. */
@@ -57,11 +102,18 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
   const choice = resolveSampler(job.sampler, job.scheduleType);
   const schedulerConfig = parseSchedulerConfig(models.schedulerConfig, 'scheduler config');
 
-  // 2. prompts.
+  // 2. LoRAs (job list and prompt tags), then the prompts, encoded with the LoRAs' text-encoder part.
   const positive = extractExtraNetworks(job.prompt);
   const negative = extractExtraNetworks(job.negativePrompt);
+  const { stack, applied, needsMerged } = await loadJobLoras([...job.loras, ...lorasFromTags(positive.networks)], models);
+  if (needsMerged && job.loraMode === 'bank') {
+    throw new PipelineError('BAD_ARGUMENT', `${applied.map((a) => a.name).join(', ')}: a LoRA in this stack is not low-rank (LoKr or a full diff) and cannot run as bank inputs; use loraMode "merged" or "auto".`, { field: 'loraMode' });
+  }
+  const mode = stack.size === 0 ? 'none' : job.loraMode === 'merged' || (job.loraMode === 'auto' && needsMerged) ? 'merged' : 'bank';
+  const teAdapters: AdapterUse | undefined =
+    mode === 'none' ? undefined : mode === 'merged' ? { mode, stack } : { mode, stack, mix: [stack.strengths('text_encoder')] };
   const conditioningOptions: ConditioningOptions = { clipSkip: job.clipSkip, emphasis: job.emphasis, commaPaddingBacktrack: 20 };
-  const conditioning = await encodePrompts(positive.prompt, negative.prompt, job.steps, models.textEncoder, conditioningOptions);
+  const conditioning = await encodePrompts(positive.prompt, negative.prompt, job.steps, models.textEncoder, conditioningOptions, teAdapters);
 
   // 3. batches.
   const c = models.latentChannels;
@@ -96,6 +148,7 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
       shape: [job.batchSize, c, h, w],
       steps: job.steps,
       noise: draw,
+      ...(mode === 'none' ? {} : { adapters: { stack, mode } }),
       ...(options.maxBatch === undefined ? {} : { maxBatch: options.maxBatch }),
       ...(options.signal === undefined ? {} : { signal: options.signal }),
       onProgress: (p) => options.onProgress?.({ ...p, batch: b, batches: job.batchCount }),
@@ -111,9 +164,8 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
         finalLatents: latents,
       };
       images.push(img);
-      await options.onImage?.(img);
+      await options.onImage?.(img, { sampler: choice.infotext, loras: applied, loraMode: mode });
     }
   }
-  const loraTags = positive.networks.filter((n) => n.type === 'lora').map((n) => ({ name: n.name, args: n.args }));
-  return { images, sampler: choice.infotext, loraTags };
+  return { images, sampler: choice.infotext, loras: applied, loraMode: mode };
 }

@@ -5,7 +5,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { Sd15Engine, openSafetensors, writeSafetensors, type Tensor } from '../../models/index.ts';
+import { Sd15Engine, loraFoldersOf, openSafetensors, writeSafetensors, type Tensor } from '../../models/index.ts';
 import {
   JOB_DEFAULTS,
   PipelineError,
@@ -17,6 +17,8 @@ import {
   writeFileAtomic,
   type GenerateJob,
   type GeneratedImage,
+  type JobLora,
+  type LoraMode,
   type GenerateProgress,
 } from '../../pipelines/index.ts';
 import { MODEL_OPTIONS, UsageError, engineOptions, parse, requireValue } from '../args.ts';
@@ -39,6 +41,11 @@ export const GENERATE_HELP = `chorus generate — text to image
   --clip-skip <n>          A1111 clip skip (default 1)
   --batch-size <n>         images per batch (default 1)
   --batch-count <n>        batches (default 1)
+  --lora <name[:w[:unet_w]]>  apply a LoRA by file stem, alias or path (repeatable; prompt tags <lora:name:w> work too)
+  --lora-dir <folder>      where LoRAs are looked up by name (repeatable; an A1111 or ComfyUI install works;
+                           also CHORUS_LORA_DIRS, and the install the checkpoint sits in)
+  --lora-mode auto|bank|merged   LoRAs as runtime inputs (bank) or baked into the weights (merged); auto: bank
+                           unless a LoRA is not low-rank (LoKr)
   --out <path>             a folder (default ./outputs; files NNNNN-<seed>.png) or a .png file name
   --save-latents <file>    write init_latents and final_latents (before decoding) to a safetensors file
   --init-latents <file>    start from init_latents in a safetensors file instead of the seeded noise
@@ -82,6 +89,41 @@ function progressBar(total: number): (p: GenerateProgress) => void {
   };
 }
 
+/**
+ * `--lora name_or_path[:weight[:unet_weight]]`: trailing numbers are strengths (A1111's te, unet),
+ * so Windows paths with a drive colon still work.
+ */
+export function parseLoraFlag(value: string): JobLora {
+  const parts = value.split(':');
+  const numbers: number[] = [];
+  while (parts.length > 1 && numbers.length < 2 && /^\s*-?(\d+\.?\d*|\.\d+)\s*$/.test(parts[parts.length - 1]!)) numbers.unshift(Number(parts.pop()));
+  const name = parts.join(':');
+  if (name === '') throw new UsageError(`--lora needs a name or path: "${value}"`);
+  const te = numbers[0] ?? 1;
+  return { name, te, unet: numbers[1] ?? te };
+}
+
+function parseLoraMode(value: string): LoraMode {
+  if (value !== 'auto' && value !== 'bank' && value !== 'merged') throw new UsageError(`--lora-mode must be auto, bank or merged, got "${value}"`);
+  return value;
+}
+
+/** LoRA folders of the install a checkpoint lives in (A1111 `models/Stable-diffusion/x` → `models/Lora`, ComfyUI → `models/loras`). */
+function defaultLoraDirs(model: string): string[] {
+  const dirs: string[] = [];
+  let dir = path.dirname(path.resolve(model));
+  for (let i = 0; i < 4; i++) {
+    if (path.basename(dir) === 'models') {
+      dirs.push(...loraFoldersOf(path.dirname(dir)));
+      break;
+    }
+    dir = path.dirname(dir);
+  }
+  const env = process.env.CHORUS_LORA_DIRS;
+  if (env !== undefined && env !== '') dirs.push(...env.split(path.delimiter).filter((d) => d !== ''));
+  return dirs;
+}
+
 function readInitLatents(file: string): Tensor {
   const f = openSafetensors(file);
   try {
@@ -122,6 +164,9 @@ export async function runGenerate(argv: readonly string[]): Promise<number> {
     out: { type: 'string' },
     'save-latents': { type: 'string' },
     'init-latents': { type: 'string' },
+    lora: { type: 'string', multiple: true },
+    'lora-dir': { type: 'string', multiple: true },
+    'lora-mode': { type: 'string' },
     help: { type: 'boolean' },
   });
   if (values.help === true) {
@@ -146,22 +191,25 @@ export async function runGenerate(argv: readonly string[]): Promise<number> {
     ...(values['clip-skip'] === undefined ? {} : { clipSkip: num('--clip-skip', values['clip-skip'])! }),
     ...(values['batch-size'] === undefined ? {} : { batchSize: num('--batch-size', values['batch-size'])! }),
     ...(values['batch-count'] === undefined ? {} : { batchCount: num('--batch-count', values['batch-count'])! }),
+    loras: (values.lora ?? []).map(parseLoraFlag),
+    ...(values['lora-mode'] === undefined ? {} : { loraMode: parseLoraMode(values['lora-mode']) }),
   });
   const initLatents = values['init-latents'] === undefined ? undefined : readInitLatents(values['init-latents']);
   const total = job.batchSize * job.batchCount;
   const nameOf = outputNamer(values.out ?? 'outputs', total);
 
   const engine = Sd15Engine.open(job.model, options);
+  const loraDirs = [...(values['lora-dir'] ?? []).flatMap((d) => loraFoldersOf(d)), ...defaultLoraDirs(job.model)];
   const written: string[] = [];
   const inits: Tensor<'float32'>[] = [];
   const finals: Tensor<'float32'>[] = [];
   try {
-    const models = engineModels(engine);
+    const models = engineModels(engine, { loraDirs });
     const result = await generate(job, models, {
       ...(initLatents === undefined ? {} : { initLatents }),
       onProgress: progressBar(total),
-      onImage: async (img) => {
-        const texts = imageMetadataTexts(job, img, engine.model);
+      onImage: async (img, run) => {
+        const texts = imageMetadataTexts(job, img, engine.model, run);
         const file = nameOf(img);
         writeFileAtomic(file, await encodePng(img.image, texts));
         written.push(file);
@@ -172,8 +220,9 @@ export async function runGenerate(argv: readonly string[]): Promise<number> {
     if (values['save-latents'] !== undefined) {
       writeSafetensors(values['save-latents'], { init_latents: concat(inits), final_latents: concat(finals) }, { seed: String(job.seed), sampler: job.sampler });
     }
-    if (result.loraTags.length > 0) {
-      process.stderr.write(`note: LoRA tags were removed from the prompt but not applied (LoRA loading is not available yet): ${result.loraTags.map((t) => t.name).join(', ')}\n`);
+    for (const l of result.loras) {
+      const miss = l.coverage.unmatched.length;
+      process.stderr.write(`LoRA ${l.name} [${l.shortHash}] te ${l.te} unet ${l.unet}: ${l.coverage.matched}/${l.coverage.totalModulesInFile} modules applied (${result.loraMode})${miss > 0 ? `, ${miss} not applied: ${l.coverage.unmatched.slice(0, 3).map((u) => `${u.key} (${u.reason})`).join('; ')}${miss > 3 ? '…' : ''}` : ''}\n`);
     }
     const choice = await engine.providerChoice();
     process.stdout.write(`${written.join('\n')}\n`);

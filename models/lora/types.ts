@@ -3,8 +3,10 @@
  *
  * A module's delta ΔW has the target weight's layout: linear [out, in], conv [out, in, kh, kw].
  * - `lowrank`: ΔW = scale · up · down (conv: down is [r, in, kh, kw], up is [out, r]); kohya and
- *   PEFT LoRA, LoCon (CP `lora_mid` folded into `down`), LoHa (rewritten exactly as rank r1·r2).
- * - `full`: ΔW given in full (LoKr's Kronecker product, full diffs); needs the merged-weights graph.
+ *   PEFT LoRA, LoCon (CP `lora_mid` folded into `down`), LoHa (rewritten exactly as rank r1·r2),
+ *   and a LoKr with low-rank factors when that form is smaller (kron(AB, CD) = kron(A, C)·kron(B, D)).
+ * - `full`: ΔW given in full (full diffs, Tucker LoHa, a LoKr whose low-rank form would be larger);
+ *   needs the merged-weights graph.
  * The user's strength multiplies either form; it is not folded in here.
  */
 

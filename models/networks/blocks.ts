@@ -71,7 +71,7 @@ export function resnetBlock2D(g: Ops, x: Value, temb: Value | undefined, o: Resn
   let h = g.silu(groupNorm(g, 'norm1', x, o.inChannels, { groups: o.groups, eps: o.eps }));
   h = conv2d(g, 'conv1', h, o.inChannels, o.outChannels, { kernel: 3, padding: 1 });
   if (temb !== undefined && o.tembChannels !== undefined) {
-    const t = linear(g, 'time_emb_proj', g.silu(temb), o.tembChannels, o.outChannels, { bias: true });
+    const t = linear(g, 'time_emb_proj', g.silu(temb), o.tembChannels, o.outChannels, { bias: true, inputRank: 2 });
     h = g.add(h, g.unsqueeze(t, [2, 3])); // (B, out) → (B, out, 1, 1)
   }
   h = g.silu(groupNorm(g, 'norm2', h, o.outChannels, { groups: o.groups, eps: o.eps }));

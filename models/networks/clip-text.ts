@@ -16,6 +16,7 @@ import type { Graph, Value } from '../onnx/builder.ts';
 import { Ops } from '../onnx/ops.ts';
 import { ModelError } from '../errors.ts';
 import { layerNorm, linear } from './layers.ts';
+import { attachAdapterBank } from './adapter-bank.ts';
 import type { ClipTextConfig } from './config.ts';
 
 /** torch.finfo(torch.float32).min: what `_make_causal_mask` fills above the diagonal. */
@@ -24,7 +25,12 @@ const FLOAT32_MIN = -3.4028234663852886e38;
 export interface ClipTextBuildOptions {
   /** Extra A1111 clip-skip values (≥ 3) to output as `clip_skip_<k>`. 1 and 2 are always there. */
   readonly extraClipSkips?: readonly number[];
+  /** LoRA adapter-bank inputs on every linear of the encoder layers (see adapter-bank.ts). */
+  readonly adapterBank?: boolean;
 }
+
+/** Where the text encoder's bank layers live: kohya's `lora_te_` targets (attention and MLP). */
+export const TEXT_ENCODER_BANK_PREFIXES = ['text_model.encoder.'] as const;
 
 /** `CLIPAttention` with the causal mask; q is scaled before the product. (B, S, H) → (B, S, H) */
 function clipAttention(g: Ops, x: Value, causalMask: Value, c: ClipTextConfig): Value {
@@ -62,6 +68,7 @@ function clipEncoderLayer(g: Ops, x: Value, causalMask: Value, c: ClipTextConfig
 export function buildClipTextGraph(config: ClipTextConfig, options: ClipTextBuildOptions = {}): Graph {
   const c = config;
   const g = new Ops('text_encoder');
+  if (options.adapterBank === true) attachAdapterBank(g, TEXT_ENCODER_BANK_PREFIXES);
   const inputIds = g.input('input_ids', 'int64', ['batch', 'sequence']);
   const seqLen = g.shape(inputIds, { start: 1, end: 2 });
   const extra = [...new Set(options.extraClipSkips ?? [])].sort((a, b) => a - b);

@@ -5,13 +5,19 @@
  */
 import type { Value } from '../onnx/builder.ts';
 import type { Ops, Padding2d } from '../onnx/ops.ts';
+import { convDelta, linearDelta } from './adapter-bank.ts';
 
-/** `nn.Linear(inFeatures, outFeatures, bias)`; weight [out, in]. (…, in) → (…, out) */
-export function linear(g: Ops, name: string, x: Value, inFeatures: number, outFeatures: number, options: { bias: boolean }): Value {
+/**
+ * `nn.Linear(inFeatures, outFeatures, bias)`; weight [out, in]. (B, …, in) → (B, …, out).
+ * `inputRank` (default 3: tokens (B, N, C)) tells an adapter bank how to broadcast its per-batch mix.
+ */
+export function linear(g: Ops, name: string, x: Value, inFeatures: number, outFeatures: number, options: { bias: boolean; inputRank?: number }): Value {
   return g.scope(name, () => {
     const wT = g.param('weight', [inFeatures, outFeatures], 'float32', { transposed: true }); // stored [out, in]
     const b = options.bias ? g.param('bias', [outFeatures]) : undefined;
-    return g.linear(x, wT, b);
+    const y = g.linear(x, wT, b);
+    const delta = linearDelta(g, g.scopePath, x, inFeatures, outFeatures, options.inputRank ?? 3);
+    return delta === undefined ? y : g.add(y, delta);
   });
 }
 
@@ -27,7 +33,11 @@ export function conv2d(
   return g.scope(name, () => {
     const w = g.param('weight', [outChannels, inChannels, options.kernel, options.kernel]);
     const b = g.param('bias', [outChannels]);
-    return g.conv2d(x, w, b, { stride: options.stride ?? 1, padding: options.padding ?? 0 });
+    const stride = options.stride ?? 1;
+    const padding = options.padding ?? 0;
+    const y = g.conv2d(x, w, b, { stride, padding });
+    const delta = convDelta(g, g.scopePath, x, inChannels, outChannels, options.kernel, stride, padding);
+    return delta === undefined ? y : g.add(y, delta);
   });
 }
 

@@ -17,6 +17,7 @@ import type { Graph, Value } from '../onnx/builder.ts';
 import { Ops } from '../onnx/ops.ts';
 import { ModelError } from '../errors.ts';
 import { attention, resnetBlock2D } from './blocks.ts';
+import { attachAdapterBank } from './adapter-bank.ts';
 import { conv2d, groupNorm, layerNorm, linear } from './layers.ts';
 import type { UnetConfig } from './config.ts';
 
@@ -36,7 +37,12 @@ export interface UnetBuildOptions {
   readonly attentionProbs?: readonly string[];
   /** Add `debug.<stage>` outputs (time_proj, time_embedding, conv_in, each block, conv_norm_out). */
   readonly debugOutputs?: boolean;
+  /** LoRA adapter-bank inputs on every linear/conv of the down, mid and up blocks (see adapter-bank.ts). */
+  readonly adapterBank?: boolean;
 }
+
+/** Where the UNet's bank layers live: everything kohya LoRA/LoCon targets. */
+export const UNET_BANK_PREFIXES = ['down_blocks.', 'mid_block.', 'up_blocks.'] as const;
 
 interface Ctx {
   readonly g: Ops;
@@ -73,8 +79,8 @@ function timesteps(g: Ops, t: Value, dim: number, flipSinToCos: boolean, shift: 
 
 /** `TimestepEmbedding`: linear_1 → SiLU → linear_2. (B, C0) → (B, 4·C0) */
 function timestepEmbedding(g: Ops, x: Value, inChannels: number, timeEmbedDim: number): Value {
-  const h = g.silu(linear(g, 'linear_1', x, inChannels, timeEmbedDim, { bias: true }));
-  return linear(g, 'linear_2', h, timeEmbedDim, timeEmbedDim, { bias: true });
+  const h = g.silu(linear(g, 'linear_1', x, inChannels, timeEmbedDim, { bias: true, inputRank: 2 }));
+  return linear(g, 'linear_2', h, timeEmbedDim, timeEmbedDim, { bias: true, inputRank: 2 });
 }
 
 /** `GEGLU` + `FeedForward`: h, gate = net.0.proj(x).chunk(2); net.2(h · gelu(gate)). (B, N, dim) → (B, N, dim) */
@@ -245,6 +251,7 @@ function upBlock(ctx: Ctx, i: number, x: Value, prevOutputChannels: number, skip
 export function buildUnetGraph(config: UnetConfig, options: UnetBuildOptions = {}): Graph {
   const g = new Ops('unet');
   const c = config;
+  if (options.adapterBank === true) attachAdapterBank(g, UNET_BANK_PREFIXES);
   const crossDim = c.crossAttentionDim[0]!;
   if (!c.crossAttentionDim.every((d) => d === crossDim)) {
     throw new ModelError('UNSUPPORTED_ARCHITECTURE', `per-block cross_attention_dim ${JSON.stringify(c.crossAttentionDim)} is not supported (one text-embedding width expected)`);

@@ -22,6 +22,11 @@ export interface StepContext {
 export interface Branch {
   /** (1, 77·k, D) text conditioning. */
   readonly context: Tensor<'float32'>;
+  /**
+   * UNet strength of each adapter of the run's stack for this branch (the adapter-bank mix row).
+   * Default: the stack's own strengths (all LoRAs merged, as A1111 applies a stack).
+   */
+  readonly mix?: readonly number[];
 }
 
 export interface Strategy<State> {
