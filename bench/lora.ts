@@ -41,12 +41,12 @@ interface KohyaModule {
   readonly 'lora_up.weight': number[];
 }
 
-/** A kohya rank-32 LoRA over SD 1.5's transformer modules and the text encoder (sd15-keys listing). */
+/** A kohya rank-32 LoRA over SD 1.5's UNet transformer modules (sd15-keys listing; the bench model's text encoder is the tiny one). */
 function writeRandomLora(file: string, seed: number): void {
   if (fs.existsSync(file)) return;
   const listing = JSON.parse(fs.readFileSync(path.join(FIXTURES, 'sd15-keys', 'kohya_lora_sd15.json'), 'utf-8')) as { unet_transformer: KohyaModule[]; text_encoder: KohyaModule[] };
   const tensors: StreamedTensor[] = [];
-  for (const m of [...listing.unet_transformer, ...listing.text_encoder]) {
+  for (const m of listing.unet_transformer) {
     const rng = new SeededRandom(seed, m.kohya_name);
     const down = m['lora_down.weight'];
     const fanIn = down.slice(1).reduce((a, b) => a * b, 1);
@@ -83,7 +83,7 @@ const work = defaultBenchWorkDir();
 const model = prepareRandomSd15Model(work, 1234, log);
 const loraDir = path.join(work, 'loras');
 fs.mkdirSync(loraDir, { recursive: true });
-const loraFiles = [0, 1, 2, 3].map((k) => path.join(loraDir, `random-r${RANK}-${k}.safetensors`));
+const loraFiles = [0, 1, 2, 3].map((k) => path.join(loraDir, `random-unet-r${RANK}-${k}.safetensors`));
 loraFiles.forEach((f, k) => writeRandomLora(f, 100 + k));
 const cacheDir = path.join(work, 'cache');
 

@@ -39,6 +39,10 @@ export interface UnetVariant {
   /** Attention modules whose probabilities to output (`attn_probs.<module>`). */
   readonly attentionProbs?: readonly string[];
   readonly debugOutputs?: boolean;
+  /** Also output `deep_feature` (the last up block's input) for a later shallow pass. */
+  readonly deepFeature?: boolean;
+  /** The shallow variant: starts from a cached `deep_feature` (see networks/unet.ts). */
+  readonly shallow?: boolean;
 }
 
 export interface TextEncoderVariant {
@@ -120,6 +124,8 @@ export interface UnetInput {
   readonly timestep: Tensor;
   /** (B, 77·k, cross_attention_dim) */
   readonly encoderHiddenStates: Tensor;
+  /** The cached deep feature, for the shallow variant (B, C₁, h, w). */
+  readonly deepFeature?: Tensor;
 }
 
 const COMPONENT_OF: Readonly<Record<GraphKind, Component>> = { text_encoder: 'text_encoder', unet: 'unet', vae_decoder: 'vae', vae_encoder: 'vae' };
@@ -214,7 +220,9 @@ export class Sd15Engine {
 
   async #createSession(kind: GraphKind, variant: GraphVariant, patch: ParamPatch | undefined): Promise<OrtSession> {
     const graph = this.buildGraph(kind, variant);
-    const bound = bindWeights(graph.params, this.model.weights(COMPONENT_OF[kind]));
+    // Variants that use a subset of the weights (the shallow UNet) share the full graph's weights file.
+    const weightsGraph = kind === 'unet' && variant.shallow === true ? this.buildGraph(kind, { ...variant, shallow: false }) : graph;
+    const bound = bindWeights(weightsGraph.params, this.model.weights(COMPONENT_OF[kind]));
     this.#reports.set(kind, bound.report);
     const prepared = prepareModelFiles(graph, bound, { cacheDir: this.cacheDir, component: kind, ...(patch === undefined ? {} : { patch }) });
     return OrtSession.create(prepared.modelPath, { device: this.device, ...(this.#threads === undefined ? {} : { threads: this.#threads }) });
@@ -226,7 +234,8 @@ export class Sd15Engine {
    */
   async #withAdapters(kind: 'text_encoder' | 'unet', variant: GraphVariant, adapters: AdapterUse | undefined, batch: number): Promise<{ session: OrtSession; feeds: Record<string, Tensor> }> {
     const component: LoraComponent = kind;
-    if (adapters === undefined || adapters.stack.size === 0) return { session: await this.session(kind, variant), feeds: {} };
+    // No LoRAs: the plain graph. (An explicit bank call with an empty stack runs the bank graph with K = 0.)
+    if (adapters === undefined || (adapters.mode === 'merged' && adapters.stack.size === 0)) return { session: await this.session(kind, variant), feeds: {} };
     if (adapters.mode === 'merged') {
       const patch = mergePatch(
         component,
@@ -310,7 +319,16 @@ export class Sd15Engine {
       throw new ModelError('SHAPE_MISMATCH', `timestep must hold 1 or ${batch} values, got ${t.data.length}.`, { input: 'timestep', shape: t.shape });
     }
     const { session, feeds } = await this.#withAdapters('unet', variant, adapters, batch);
-    const out = await session.run({ ...feeds, sample: f32(sample), timestep: { dtype: 'float32', shape: [t.data.length], data: t.data }, encoder_hidden_states: f32(ctx) });
+    if ((variant.shallow === true) !== (input.deepFeature !== undefined)) {
+      throw new ModelError('SHAPE_MISMATCH', variant.shallow === true ? 'the shallow UNet needs the cached deep_feature input.' : 'deep_feature is only an input of the shallow UNet variant.', { input: 'deep_feature' });
+    }
+    const out = await session.run({
+      ...feeds,
+      sample: f32(sample),
+      timestep: { dtype: 'float32', shape: [t.data.length], data: t.data },
+      encoder_hidden_states: f32(ctx),
+      ...(input.deepFeature === undefined ? {} : { deep_feature: f32(input.deepFeature) }),
+    });
     const result: Record<string, Tensor<'float32'>> = {};
     for (const [k, v] of Object.entries(out)) result[k] = f32(v);
     return result;

@@ -131,3 +131,22 @@ test('a second load reuses the converted weights from the cache', async () => {
   }
   assert.equal(fs.readdirSync(cacheDir).length, before, 'no new weights folder for an already converted component');
 });
+
+test('the shallow UNet fed the deep feature of a full pass reproduces that pass (CMLoRA / DeepCache cut)', async () => {
+  const engine = Sd15Engine.open(DIFFUSERS, { device: 'cpu', cacheDir });
+  try {
+    const [c] = refCases('unet').filter((x) => x.id === 'unet/t1_b2_cfg');
+    const input = { sample: readRef(c!, 'sample', 'inputs'), timestep: readRef(c!, 'timestep', 'inputs'), encoderHiddenStates: readRef(c!, 'encoder_hidden_states', 'inputs') };
+    const full = await engine.runUnet(input, { deepFeature: true });
+    assert.deepEqual(full.deep_feature!.shape, [2, 32, 32, 32]);
+    assertClose(full.noise_pred!.data, refF32(c!, 'noise_pred'), c!.tolerance.atol!, 'full pass with the deep-feature output');
+    const shallow = await engine.runUnet({ ...input, deepFeature: full.deep_feature! }, { shallow: true });
+    assert.deepEqual(shallow.noise_pred!.data, full.noise_pred!.data);
+    // A stale feature (from another timestep) changes the result: the shallow pass really uses it.
+    const other = await engine.runUnet({ ...input, timestep: { dtype: 'float32', shape: [1], data: new Float32Array([700]) } }, { deepFeature: true });
+    const stale = await engine.runUnet({ ...input, deepFeature: other.deep_feature! }, { shallow: true });
+    assert.notDeepEqual(stale.noise_pred!.data, full.noise_pred!.data);
+  } finally {
+    await engine.dispose();
+  }
+});

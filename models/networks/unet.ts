@@ -39,6 +39,16 @@ export interface UnetBuildOptions {
   readonly debugOutputs?: boolean;
   /** LoRA adapter-bank inputs on every linear/conv of the down, mid and up blocks (see adapter-bank.ts). */
   readonly adapterBank?: boolean;
+  /** Also output `deep_feature`: the input of the last up block (DeepCache / CMLoRA's cached feature). */
+  readonly deepFeature?: boolean;
+  /**
+   * The shallow variant (DeepCache, Ma et al. 2023, arXiv:2312.00858; CMLoRA's cache_layer_id 0,
+   * cache_block_id 1): time embedding, conv_in, the (resnet, attention) pairs of `down_blocks.0`
+   * without its downsampler, then the last up block on the `deep_feature` input instead of
+   * everything deeper, then the output layers. Fed the feature a full pass produced at the same
+   * inputs, it reproduces that full pass.
+   */
+  readonly shallow?: boolean;
 }
 
 /** Where the UNet's bank layers live: everything kohya LoRA/LoCon targets. */
@@ -180,7 +190,7 @@ function upsample2D(ctx: Ctx, x: Value, channels: number, sizeOf: Value | undefi
  * `CrossAttnDownBlock2D` / `DownBlock2D`: (resnet [+ transformer]) × layers, then the downsampler.
  * Every layer output and the downsampler output are skip connections.
  */
-function downBlock(ctx: Ctx, i: number, x: Value, inChannels: number, skips: Value[]): Value {
+function downBlock(ctx: Ctx, i: number, x: Value, inChannels: number, skips: Value[], withDownsampler = true): Value {
   const { g, c } = ctx;
   const out = c.blockOutChannels[i]!;
   const withAttention = c.downBlockTypes[i] === 'CrossAttnDownBlock2D';
@@ -194,7 +204,7 @@ function downBlock(ctx: Ctx, i: number, x: Value, inChannels: number, skips: Val
     }
     skips.push(h);
   }
-  if (i < c.blockOutChannels.length - 1) {
+  if (withDownsampler && i < c.blockOutChannels.length - 1) {
     h = g.scope('downsamplers.0', () => downsample2D(ctx, h, out));
     skips.push(h);
   }
@@ -279,25 +289,35 @@ export function buildUnetGraph(config: UnetConfig, options: UnetBuildOptions = {
   debug('conv_in', h);
   const skips: Value[] = [h];
 
-  // 3. down path.
-  let channels = c0;
-  for (let i = 0; i < c.blockOutChannels.length; i++) {
-    const inCh = channels;
-    h = g.scope(`down_blocks.${i}`, () => downBlock(ctx, i, h, inCh, skips));
-    channels = c.blockOutChannels[i]!;
-    debug(`down_blocks.${i}`, h);
-  }
+  const n = c.blockOutChannels.length;
+  if (options.shallow === true) {
+    // 3–5 (shallow). down_blocks.0 pairs only; the last up block starts from the cached feature.
+    h = g.scope('down_blocks.0', () => downBlock(ctx, 0, h, c0, skips, false));
+    const featureChannels = c.blockOutChannels[Math.min(1, n - 1)]!;
+    const feature = g.input('deep_feature', 'float32', ['batch', featureChannels, 'height', 'width']);
+    h = g.scope(`up_blocks.${n - 1}`, () => upBlock(ctx, n - 1, feature, featureChannels, skips));
+  } else {
+    // 3. down path.
+    let channels = c0;
+    for (let i = 0; i < n; i++) {
+      const inCh = channels;
+      h = g.scope(`down_blocks.${i}`, () => downBlock(ctx, i, h, inCh, skips));
+      channels = c.blockOutChannels[i]!;
+      debug(`down_blocks.${i}`, h);
+    }
 
-  // 4. mid.
-  h = g.scope('mid_block', () => midBlock(ctx, h));
-  debug('mid_block', h);
+    // 4. mid.
+    h = g.scope('mid_block', () => midBlock(ctx, h));
+    debug('mid_block', h);
 
-  // 5. up path, popping skips.
-  for (let i = 0; i < c.upBlockTypes.length; i++) {
-    const prev = channels;
-    h = g.scope(`up_blocks.${i}`, () => upBlock(ctx, i, h, prev, skips));
-    channels = c.blockOutChannels[c.blockOutChannels.length - 1 - i]!;
-    debug(`up_blocks.${i}`, h);
+    // 5. up path, popping skips. The last up block's input is the deep feature.
+    for (let i = 0; i < c.upBlockTypes.length; i++) {
+      const prev = channels;
+      if (i === n - 1 && options.deepFeature === true) g.output(g.identity(h), 'deep_feature', 'float32', ['batch', prev, 'height', 'width']);
+      h = g.scope(`up_blocks.${i}`, () => upBlock(ctx, i, h, prev, skips));
+      channels = c.blockOutChannels[n - 1 - i]!;
+      debug(`up_blocks.${i}`, h);
+    }
   }
   g.check(skips.length === 0, `${skips.length} skip connections left unused`);
 
