@@ -15,7 +15,7 @@ import type { AdapterStack, AdapterUse, Tensor } from '../models/index.ts';
 import { PipelineError } from './errors.ts';
 import type { DenoiserModel } from './models.ts';
 import type { Scheduler } from './schedulers/types.ts';
-import type { Branch, StepContext, Strategy } from './strategies/types.ts';
+import type { Branch, BranchOutput, StepContext, Strategy } from './strategies/types.ts';
 
 export interface DenoiseProgress {
   readonly evaluation: number;
@@ -56,10 +56,6 @@ function repeatContext(context: Tensor<'float32'>, times: number): Tensor<'float
   return { dtype: 'float32', shape: [times, seq, dim], data };
 }
 
-/**
- * Step 3: evaluate every branch on the whole batch. Branches whose contexts have the same length
- * are stacked into one call (up to `maxBatch` samples); outputs come back per branch.
- */
 /** The adapters of one denoiser call: each branch's mix row, repeated for every image. */
 function callAdapters(adapters: DenoiseRun<unknown>['adapters'], branches: readonly Branch[], batch: number): AdapterUse | undefined {
   if (adapters === undefined || adapters.stack.size === 0) return undefined;
@@ -74,6 +70,11 @@ function callAdapters(adapters: DenoiseRun<unknown>['adapters'], branches: reado
   return { mode, stack, mix: branches.flatMap((b) => Array.from({ length: batch }, () => b.mix ?? defaults)) };
 }
 
+/**
+ * Step 3: evaluate every branch on the whole batch. Branches that can share a UNet call (same
+ * context length, same pass: full, full keeping its deep feature, or shallow) are stacked into one
+ * call of up to `maxBatch` samples; outputs come back per branch.
+ */
 async function runBranches(
   denoiser: DenoiserModel,
   branches: readonly Branch[],
@@ -82,32 +83,50 @@ async function runBranches(
   timestep: number,
   maxBatch: number,
   adapters: DenoiseRun<unknown>['adapters'],
-): Promise<Float32Array[]> {
+): Promise<BranchOutput[]> {
   const [batch, ...rest] = shape as [number, number, number, number];
   const per = modelInput.length / batch;
-  const outputs = new Array<Float32Array>(branches.length);
-  const groups = new Map<number, number[]>();
+  const outputs = new Array<BranchOutput>(branches.length);
+  const groups = new Map<string, number[]>();
   branches.forEach((b, i) => {
-    const seq = b.context.shape[1]!;
-    groups.set(seq, [...(groups.get(seq) ?? []), i]);
+    const key = `${b.context.shape[1]}|${b.deepFeature !== undefined ? 'shallow' : b.keepDeepFeature === true ? 'full+feature' : 'full'}`;
+    groups.set(key, [...(groups.get(key) ?? []), i]);
   });
   const branchesPerCall = Math.max(1, Math.floor(maxBatch / batch));
   for (const members of groups.values()) {
     for (let start = 0; start < members.length; start += branchesPerCall) {
-      const call = members.slice(start, start + branchesPerCall);
+      const call = members.slice(start, start + branchesPerCall).map((i) => ({ i, b: branches[i]! }));
       const sample = new Float32Array(call.length * modelInput.length);
       call.forEach((_, k) => sample.set(modelInput, k * modelInput.length));
-      const contexts = call.map((i) => repeatContext(branches[i]!.context, batch));
+      const contexts = call.map(({ b }) => repeatContext(b.context, batch));
       const [, seq, dim] = contexts[0]!.shape as [number, number, number];
       const context = new Float32Array(call.length * batch * seq * dim);
       contexts.forEach((c, k) => context.set(c.data, k * c.data.length));
-      const eps = await denoiser.predict(
-        { dtype: 'float32', shape: [call.length * batch, ...rest], data: sample },
+      const shallow = call[0]!.b.deepFeature !== undefined;
+      let deepFeature: Tensor<'float32'> | undefined;
+      if (shallow) {
+        const featurePer = call[0]!.b.deepFeature!.length / batch;
+        const data = new Float32Array(call.length * batch * featurePer);
+        call.forEach(({ b }, k) => data.set(b.deepFeature!, k * batch * featurePer));
+        deepFeature = { dtype: 'float32', shape: [call.length * batch, featurePer / (rest[1]! * rest[2]!), rest[1]!, rest[2]!], data };
+      }
+      const result = await denoiser.predict({
+        sample: { dtype: 'float32', shape: [call.length * batch, ...rest], data: sample },
         timestep,
-        { dtype: 'float32', shape: [call.length * batch, seq, dim], data: context },
-        callAdapters(adapters, call.map((i) => branches[i]!), batch),
-      );
-      call.forEach((i, k) => (outputs[i] = eps.data.slice(k * batch * per, (k + 1) * batch * per)));
+        context: { dtype: 'float32', shape: [call.length * batch, seq, dim], data: context },
+        ...(() => {
+          const use = callAdapters(adapters, call.map(({ b }) => b), batch);
+          return use === undefined ? {} : { adapters: use };
+        })(),
+        ...(deepFeature === undefined ? {} : { deepFeature }),
+        ...(call[0]!.b.keepDeepFeature === true ? { wantDeepFeature: true } : {}),
+      });
+      call.forEach(({ i }, k) => {
+        const eps = result.noisePred.data.slice(k * batch * per, (k + 1) * batch * per);
+        const f = result.deepFeature;
+        const featurePer = f === undefined ? 0 : f.data.length / (call.length * batch);
+        outputs[i] = f === undefined ? { eps } : { eps, deepFeature: f.data.slice(k * batch * featurePer, (k + 1) * batch * featurePer) };
+      });
     }
   }
   return outputs;
@@ -124,7 +143,7 @@ export async function denoise<S>(run: DenoiseRun<S>): Promise<Float32Array> {
   for (let i = 0; i < evaluations; i++) {
     if (run.signal?.aborted === true) throw new PipelineError('JOB_CANCELLED', `cancelled at step ${i + 1} of ${evaluations}.`, { evaluation: i });
     const timestep = scheduler.timesteps[i]!;
-    const ctx: StepContext = { evaluation: i, step: Math.min(run.steps - 1, Math.floor((i * run.steps) / evaluations)), timestep, batch: run.shape[0] };
+    const ctx: StepContext = { evaluation: i, step: Math.min(run.steps - 1, Math.floor((i * run.steps) / evaluations)), timestep, batch: run.shape[0], latents };
     const branches = strategy.branches(state, ctx);
     const modelInput = scheduler.scaleModelInput(latents, i);
     const outputs = await runBranches(run.denoiser, branches, modelInput, run.shape, timestep, run.maxBatch ?? Number.MAX_SAFE_INTEGER, run.adapters);

@@ -8,6 +8,7 @@ import type { EmphasisMode } from './conditioning.ts';
 import type { RngKind } from './rng/index.ts';
 import { resolveSampler } from './schedulers/index.ts';
 import { parseSeed, SEED_MAX } from './rng/index.ts';
+import { STRATEGY_NAMES, type StrategySpec } from './strategies/index.ts';
 
 /** A LoRA of the job: a library name (file stem or alias) or a path, with A1111's two strengths. */
 export interface JobLora {
@@ -46,6 +47,8 @@ export interface GenerateJob {
   /** LoRAs besides the prompt's `<lora:…>` tags. */
   readonly loras: readonly JobLora[];
   readonly loraMode: LoraMode;
+  /** How several LoRAs are composed (plain: all at once at their weights). */
+  readonly strategy: StrategySpec;
 }
 
 export const JOB_DEFAULTS = {
@@ -63,6 +66,24 @@ export const JOB_DEFAULTS = {
   emphasis: 'original',
   loraMode: 'auto',
 } as const;
+
+function normalizeStrategy(spec: StrategySpec | undefined): StrategySpec {
+  const s = spec ?? { name: 'plain' };
+  if (!STRATEGY_NAMES.includes(s.name)) throw new PipelineError('BAD_ARGUMENT', `strategy must be one of ${STRATEGY_NAMES.join(', ')}, got ${JSON.stringify(s.name)}.`, { field: 'strategy.name' });
+  const whole = (field: 'switchEvery' | 'cacheInterval', min: number) => {
+    const v = s[field];
+    if (v !== undefined && (!Number.isInteger(v) || v < min)) throw new PipelineError('BAD_ARGUMENT', `strategy.${field} must be a whole number ≥ ${min}, got ${v}.`, { field: `strategy.${field}` });
+  };
+  whole('switchEvery', 1);
+  whole('cacheInterval', 0);
+  if (s.frequencyClasses !== undefined && !s.frequencyClasses.every((c) => c === 'high' || c === 'low')) {
+    throw new PipelineError('BAD_ARGUMENT', `strategy.frequencyClasses must be "high" or "low" per LoRA, got ${JSON.stringify(s.frequencyClasses)}.`, { field: 'strategy.frequencyClasses' });
+  }
+  if (s.phaseRule !== undefined && !['offline', 'online', 'online-official'].includes(s.phaseRule)) {
+    throw new PipelineError('BAD_ARGUMENT', `strategy.phaseRule must be offline, online or online-official, got ${JSON.stringify(s.phaseRule)}.`, { field: 'strategy.phaseRule' });
+  }
+  return { ...s };
+}
 
 /** Image side limits in pixels: a multiple of 8, from 64 to 4096 (a 4096² latent is 512², far beyond SD 1.5's use). */
 export const MIN_SIDE_PX = 64;
@@ -135,6 +156,7 @@ export function normalizeJob(input: JobInput): GenerateJob {
     emphasis: input.emphasis ?? JOB_DEFAULTS.emphasis,
     loras: normalizeLoras(input.loras),
     loraMode: input.loraMode ?? JOB_DEFAULTS.loraMode,
+    strategy: normalizeStrategy(input.strategy),
   };
   if (!['auto', 'bank', 'merged'].includes(job.loraMode)) throw new PipelineError('BAD_ARGUMENT', `loraMode must be auto, bank or merged, got ${JSON.stringify(job.loraMode)}.`, { field: 'loraMode' });
   if (typeof job.negativePrompt !== 'string') throw new PipelineError('BAD_PROMPT', 'negative prompt must be text.', { field: 'negativePrompt' });

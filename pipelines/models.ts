@@ -27,9 +27,29 @@ export interface TextEncoderModel {
   encode(ids: readonly (readonly number[])[], clipSkip: number, adapters?: AdapterUse): Promise<Tensor<'float32'>>;
 }
 
+/** One UNet evaluation. */
+export interface DenoiseRequest {
+  /** (B, C, h, w) */
+  readonly sample: Tensor<'float32'>;
+  /** One timestep for the whole batch. */
+  readonly timestep: number;
+  /** (B, S, D) text conditioning. */
+  readonly context: Tensor<'float32'>;
+  readonly adapters?: AdapterUse;
+  /** Run the shallow pass on this cached deep feature (B, C₁, h, w) instead of the full UNet. */
+  readonly deepFeature?: Tensor<'float32'>;
+  /** Return the deep feature of this (full) pass for a later shallow pass. */
+  readonly wantDeepFeature?: boolean;
+}
+
+export interface DenoiseResult {
+  /** ε (B, C, h, w) */
+  readonly noisePred: Tensor<'float32'>;
+  readonly deepFeature?: Tensor<'float32'>;
+}
+
 export interface DenoiserModel {
-  /** One UNet evaluation: sample (B, C, h, w), one timestep for the batch, context (B, S, D) → ε (B, C, h, w). */
-  predict(sample: Tensor<'float32'>, timestep: number, context: Tensor<'float32'>, adapters?: AdapterUse): Promise<Tensor<'float32'>>;
+  predict(request: DenoiseRequest): Promise<DenoiseResult>;
 }
 
 export interface LatentDecoderModel {
@@ -62,6 +82,8 @@ export interface SdModels {
   readonly vaeScale: number;
   readonly schedulerConfig: Readonly<Record<string, unknown>>;
   readonly loras: LoraProvider;
+  /** Where pipelines may cache derived data (e.g. CMLoRA frequency scores). */
+  readonly cacheDir?: string;
 }
 
 /** The VAE downsamples by 2 per level except the last. */
@@ -128,9 +150,18 @@ export function engineModels(engine: Sd15Engine, options: { loraDirs?: readonly 
       },
     },
     denoiser: {
-      async predict(sample, timestep, context, adapters) {
-        const out = await engine.runUnet({ sample, timestep: { dtype: 'float32', shape: [1], data: new Float32Array([timestep]) }, encoderHiddenStates: context }, {}, adapters);
-        return out.noise_pred!;
+      async predict({ sample, timestep, context, adapters, deepFeature, wantDeepFeature }) {
+        const out = await engine.runUnet(
+          {
+            sample,
+            timestep: { dtype: 'float32', shape: [1], data: new Float32Array([timestep]) },
+            encoderHiddenStates: context,
+            ...(deepFeature === undefined ? {} : { deepFeature }),
+          },
+          deepFeature !== undefined ? { shallow: true } : wantDeepFeature === true ? { deepFeature: true } : {},
+          adapters,
+        );
+        return { noisePred: out.noise_pred!, ...(out.deep_feature === undefined ? {} : { deepFeature: out.deep_feature }) };
       },
     },
     decoder: {
@@ -142,5 +173,6 @@ export function engineModels(engine: Sd15Engine, options: { loraDirs?: readonly 
     vaeScale: vaeScaleOf(engine.model.vae.blockOutChannels.length),
     schedulerConfig: engine.model.schedulerConfig,
     loras: libraryLoraProvider(engine, options.loraDirs ?? []),
+    cacheDir: engine.cacheDir,
   };
 }

@@ -15,7 +15,8 @@ import type { SdModels } from './models.ts';
 import { extractExtraNetworks, loraWeights, type ExtraNetworkTag } from './prompt/a1111.ts';
 import { createGenerator, type NoiseGenerator } from './rng/index.ts';
 import { createScheduler, parseSchedulerConfig, resolveSampler, type InfotextSampler } from './schedulers/index.ts';
-import { plainStrategy } from './strategies/plain.ts';
+import { createStrategy, needsAdapterBank, textEncoderMix, type StrategySpec } from './strategies/index.ts';
+import { measureFrequencyClasses } from './frequency-probe.ts';
 
 export interface GeneratedImage {
   /** Index in the run (0…batchSize·batchCount−1). */
@@ -109,9 +110,20 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
   if (needsMerged && job.loraMode === 'bank') {
     throw new PipelineError('BAD_ARGUMENT', `${applied.map((a) => a.name).join(', ')}: a LoRA in this stack is not low-rank (LoKr or a full diff) and cannot run as bank inputs; use loraMode "merged" or "auto".`, { field: 'loraMode' });
   }
+  if (needsAdapterBank(job.strategy.name) && (needsMerged || job.loraMode === 'merged')) {
+    throw new PipelineError(
+      'BAD_ARGUMENT',
+      `the ${job.strategy.name} strategy switches LoRAs per step or per branch, which needs them as adapter-bank inputs; ${needsMerged ? 'a LoRA in this stack is not low-rank (LoKr or a full diff) and can only be merged' : 'loraMode "merged" bakes one fixed stack'}.`,
+      { field: 'strategy' },
+    );
+  }
   const mode = stack.size === 0 ? 'none' : job.loraMode === 'merged' || (job.loraMode === 'auto' && needsMerged) ? 'merged' : 'bank';
-  const teAdapters: AdapterUse | undefined =
-    mode === 'none' ? undefined : mode === 'merged' ? { mode, stack } : { mode, stack, mix: [stack.strengths('text_encoder')] };
+  const strategy: StrategySpec =
+    job.strategy.name === 'cmlora' && job.strategy.frequencyClasses === undefined && stack.size > 0
+      ? { ...job.strategy, frequencyClasses: await measureFrequencyClasses(job, models, applied) }
+      : job.strategy;
+  const teMix = textEncoderMix(strategy, { stack });
+  const teAdapters: AdapterUse | undefined = mode === 'none' ? undefined : mode === 'merged' ? { mode, stack } : { mode, stack, mix: [teMix] };
   const conditioningOptions: ConditioningOptions = { clipSkip: job.clipSkip, emphasis: job.emphasis, commaPaddingBacktrack: 20 };
   const conditioning = await encodePrompts(positive.prompt, negative.prompt, job.steps, models.textEncoder, conditioningOptions, teAdapters);
 
@@ -142,7 +154,7 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
     const scheduler = createScheduler(choice.kind, schedulerConfig, job.steps, choice.options);
     const finalLatents = await denoise({
       scheduler,
-      strategy: plainStrategy(conditioning, job.cfgScale),
+      strategy: createStrategy(strategy, { conditioning, guidanceScale: job.cfgScale, stack, steps: job.steps }, [job.batchSize, c, h, w]),
       denoiser: models.denoiser,
       initialNoise,
       shape: [job.batchSize, c, h, w],

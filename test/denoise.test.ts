@@ -18,14 +18,14 @@ const ctx = (value: number, seq = 77): Tensor<'float32'> => ({ dtype: 'float32',
 /** ε = first context value of the sample's row (so each branch is recognisable). */
 function recordingDenoiser(calls: Array<{ batch: number; seq: number; timestep: number }>): DenoiserModel {
   return {
-    async predict(sample, timestep, context) {
+    async predict({ sample, timestep, context }) {
       const [b, c, h, w] = sample.shape as number[];
       const seq = context.shape[1]!;
       calls.push({ batch: b!, seq, timestep });
       const per = c! * h! * w!;
       const out = new Float32Array(sample.data.length);
       for (let i = 0; i < b!; i++) out.fill(context.data[i * seq * 2]!, i * per, (i + 1) * per);
-      return { dtype: 'float32', shape: sample.shape, data: out };
+      return { noisePred: { dtype: 'float32', shape: sample.shape, data: out } };
     },
   };
 }

@@ -1,7 +1,9 @@
 /**
  * Schedulers against diffusers 0.24 (fixtures `scheduler/*` and the scheduler part of `pipeline/*`),
- * against closed forms for settings the fixtures do not cover (v-prediction, trailing spacing, η > 0),
- * the config parser, and the A1111 / ComfyUI name mapping.
+ * DPM-Solver++ against diffusers 0.26.3's `final_sigmas_type="zero"` (the scheduler part of
+ * `strategy/*`), against closed forms for settings the fixtures do not cover (v-prediction, trailing
+ * spacing, η > 0, the multistep solvers' last step), the config parser, and the A1111 / ComfyUI name
+ * mapping.
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -148,6 +150,50 @@ describe('schedulers inside the 10-step pipeline runs (CFG 7.5)', () => {
         x = scheduler.step(guided, i, x);
         assertClose(x, steps[i]!, atol, `${c.id} step_latents[${i}]`);
       }
+    });
+  }
+});
+
+describe('DPM-Solver++ 2M with diffusers 0.26.3 final_sigmas_type "zero" (the multi-LoRA strategy runs)', () => {
+  // Every strategy/* case ran DPMSolverMultistepScheduler 0.26.3 (σ after the last step is 0, the last
+  // step first order) and stores the eps passed to each scheduler.step (`guided_noise_pred`), so the
+  // scheduler alone can be replayed from `latents_init` with the case's own scheduler_config.
+  interface StrategyCase extends RefCase {
+    scheduler: string;
+    scheduler_config: unknown;
+    num_inference_steps: number;
+    timesteps: number[];
+    sigmas: number[];
+  }
+  const cases = refCases('strategy') as StrategyCase[];
+  const file = openSafetensors(path.join(REF, 'strategies.safetensors'));
+
+  test('there are strategy cases, all on DPMSolverMultistepScheduler with final_sigmas_type "zero"', () => {
+    assert.ok(cases.length >= 10, `${cases.length} strategy cases`);
+    for (const c of cases) {
+      assert.equal(CLASS_KIND[c.scheduler], 'dpmpp_2m', c.id);
+      assert.equal(parseSchedulerConfig(c.scheduler_config, c.id).finalSigmasType, 'zero', c.id);
+    }
+  });
+
+  for (const c of cases) {
+    test(c.id, () => {
+      const scheduler = createScheduler(CLASS_KIND[c.scheduler]!, parseSchedulerConfig(c.scheduler_config, c.id), c.num_inference_steps);
+      assert.deepEqual(scheduler.timesteps, c.timesteps, `${c.id} timesteps`);
+      assert.equal(scheduler.sigmas!.length, c.sigmas.length, `${c.id}: number of sigmas`);
+      c.sigmas.forEach((s, i) => assert.ok(Math.abs(scheduler.sigmas![i]! - s) <= SIGMA_RTOL * Math.abs(s), `${c.id} sigma[${i}] = ${scheduler.sigmas![i]}, expected ${s}`));
+      assert.equal(scheduler.sigmas![c.num_inference_steps], 0, 'the last step lands on σ = 0');
+
+      const eps = rows(file, c.outputs['guided_noise_pred']!.key);
+      const steps = rows(file, c.outputs['step_latents']!.key);
+      assert.equal(eps.length, c.num_inference_steps);
+      let x: Float32Array = scale(file.readFloat32(c.inputs['latents_init']!.key).data, scheduler.initNoiseSigma);
+      for (let i = 0; i < eps.length; i++) {
+        scheduler.scaleModelInput(x, i);
+        x = scheduler.step(eps[i]!, i, x);
+        assertClose(x, steps[i]!, c.tolerance['step_latents_atol']!, `${c.id} step_latents[${i}]`);
+      }
+      assertClose(x, file.readFloat32(c.outputs['final_latents']!.key).data, c.tolerance['final_latents_atol']!, `${c.id} final_latents`);
     });
   }
 });
@@ -334,6 +380,143 @@ describe('closed forms: Heun and DPM-Solver++ with v-prediction', () => {
   });
 });
 
+describe('closed forms: how the multistep solvers end (lower_order_final, euler_at_final, final_sigmas_type)', () => {
+  const alphaBar = alphaBarF64();
+  /** VP scales at integer timestep t, from the float64 ᾱ (independent of schedule.ts). */
+  const vpAt = (t: number): { a: number; s: number } => ({ a: Math.sqrt(alphaBar[t]!), s: Math.sqrt(1 - alphaBar[t]!) });
+  /** Runs every step on fixed pseudo-random model outputs; returns the sample after each step. */
+  const run = (scheduler: Scheduler, seed: number): Float32Array[] => {
+    let x: Float32Array = pseudoNormal(ELEMENTS, seed);
+    const out: Float32Array[] = [];
+    for (let i = 0; i < scheduler.timesteps.length; i++) {
+      scheduler.scaleModelInput(x, i);
+      x = scheduler.step(pseudoNormal(ELEMENTS, seed * 100 + i), i, x);
+      out.push(x);
+    }
+    return out;
+  };
+  /** First-order DPM-Solver++ step from σ_s to σ_t (Lu et al. 2022, DPM-Solver++(1)). */
+  const firstOrder = (sigmaS: number, sigmaT: number, x: Float32Array, m0: Float32Array): Float32Array => {
+    const [aS, sS] = [1 / Math.sqrt(sigmaS * sigmaS + 1), sigmaS / Math.sqrt(sigmaS * sigmaS + 1)];
+    const [aT, sT] = [1 / Math.sqrt(sigmaT * sigmaT + 1), sigmaT / Math.sqrt(sigmaT * sigmaT + 1)];
+    const h = Math.log(aT / sT) - Math.log(aS / sS);
+    return x.map((xj, j) => (sT / sS) * xj - aT * (Math.exp(-h) - 1) * m0[j]!);
+  };
+
+  for (const [steps, karras, prediction] of [
+    [10, false, 'epsilon'],
+    [20, false, 'epsilon'],
+    [20, true, 'epsilon'],
+    [10, false, 'v_prediction'],
+  ] as const) {
+    test(`final_sigmas_type "zero", ${steps} steps${karras ? ', Karras σ' : ''}, ${prediction}: the run ends on the last step's x̂₀`, () => {
+      const zero = createScheduler('dpmpp_2m', configWith({ final_sigmas_type: 'zero', prediction_type: prediction }), steps, { karrasSigmas: karras });
+      const legacy = createScheduler('dpmpp_2m', configWith({ prediction_type: prediction }), steps, { karrasSigmas: karras });
+      assert.equal(zero.sigmas![steps], 0);
+      assert.deepEqual(zero.sigmas!.slice(0, steps), legacy.sigmas!.slice(0, steps), 'only the last σ changes');
+      assert.deepEqual(zero.timesteps, legacy.timesteps);
+      const seed = 30 + steps + (karras ? 1 : 0);
+      const got = run(zero, seed);
+      // Every step but the last is the 0.24 step.
+      assert.deepEqual(got.slice(0, -1), run(legacy, seed).slice(0, -1));
+      // The last: x̂₀ at the last timestep, ε: (x − σ_t ε)/α_t; v: α_t x − σ_t v.
+      const x = got[steps - 2]!;
+      const m = pseudoNormal(ELEMENTS, seed * 100 + steps - 1);
+      const t = zero.timesteps[steps - 1]!;
+      const { a, s } = karras
+        ? { a: 1 / Math.sqrt(zero.sigmas![steps - 1]! ** 2 + 1), s: zero.sigmas![steps - 1]! / Math.sqrt(zero.sigmas![steps - 1]! ** 2 + 1) }
+        : vpAt(t);
+      const x0 = x.map((xj, j) => (prediction === 'epsilon' ? (xj - s * m[j]!) / a : a * xj - s * m[j]!));
+      assertClose(got[steps - 1]!, x0, CLOSED_FORM_ATOL, 'final = x̂₀ of the last step');
+    });
+  }
+
+  test('final_sigmas_type "sigma_min" ends on σ(t=0), also with Karras σ; without Karras it is the 0.24 grid', () => {
+    const sigma0 = Math.sqrt((1 - alphaBar[0]!) / alphaBar[0]!);
+    const plain = createScheduler('dpmpp_2m', configWith({ final_sigmas_type: 'sigma_min' }), 10);
+    assert.deepEqual(plain.sigmas, createScheduler('dpmpp_2m', SD15_CONFIG, 10).sigmas);
+    assert.ok(Math.abs(plain.sigmas![10]! - sigma0) < 1e-6, `σ_N = ${plain.sigmas![10]}`);
+    const karras = createScheduler('dpmpp_2m', configWith({ final_sigmas_type: 'sigma_min' }), 20, { karrasSigmas: true });
+    const legacyKarras = createScheduler('dpmpp_2m', SD15_CONFIG, 20, { karrasSigmas: true });
+    assert.deepEqual(karras.sigmas!.slice(0, 20), legacyKarras.sigmas!.slice(0, 20));
+    assert.equal(karras.sigmas![20], plain.sigmas![10], 'σ(t=0) appended');
+    // 0.24's Karras grid repeats σ_min (Karras Eq. 5 at i = N−1, which is σ(t=0) up to rounding).
+    assert.equal(legacyKarras.sigmas![20], legacyKarras.sigmas![19]);
+  });
+
+  test('euler_at_final: the last step is first order at any step count (20 steps)', () => {
+    const euler = createScheduler('dpmpp_2m', configWith({ euler_at_final: true }), 20);
+    const seed = 40;
+    const got = run(euler, seed);
+    const legacy = run(createScheduler('dpmpp_2m', SD15_CONFIG, 20), seed);
+    assert.deepEqual(got.slice(0, -1), legacy.slice(0, -1));
+    const [sS, sT] = [euler.sigmas![19]!, euler.sigmas![20]!];
+    const x = got[18]!;
+    const { a, s } = vpAt(euler.timesteps[19]!);
+    const m0 = x.map((xj, j) => (xj - s * pseudoNormal(ELEMENTS, seed * 100 + 19)[j]!) / a);
+    assertClose(got[19]!, firstOrder(sS, sT, x, m0), CLOSED_FORM_ATOL, 'first-order last step');
+    assert.ok(Math.abs(got[19]![0]! - legacy[19]![0]!) > 1e-6, '0.24 default (20 ≥ 15 steps) uses second order there');
+  });
+
+  test('lower_order_final = false: below 15 steps the last step stays second order; "zero" still makes it first order', () => {
+    const seed = 50;
+    const second = createScheduler('dpmpp_2m', configWith({ lower_order_final: false }), 10);
+    const got = run(second, seed);
+    const legacy = run(createScheduler('dpmpp_2m', SD15_CONFIG, 10), seed);
+    assert.deepEqual(got.slice(0, -1), legacy.slice(0, -1));
+    // Second order (midpoint): x_t = (σ_t/σ_s)x − α_t(e^{−h} − 1)(m0 + (m0 − m1)/(2r)).
+    const sig = second.sigmas!;
+    const vp = (sigma: number): { a: number; s: number; lambda: number } => {
+      const a = 1 / Math.sqrt(sigma * sigma + 1);
+      return { a, s: sigma * a, lambda: Math.log(1 / sigma) };
+    };
+    const [p0, p1, p2] = [vp(sig[8]!), vp(sig[9]!), vp(sig[10]!)];
+    const [x8, x9] = [got[7]!, got[8]!];
+    const m1 = x8.map((xj, j) => (xj - p0.s * pseudoNormal(ELEMENTS, seed * 100 + 8)[j]!) / p0.a);
+    const m0 = x9.map((xj, j) => (xj - p1.s * pseudoNormal(ELEMENTS, seed * 100 + 9)[j]!) / p1.a);
+    const h = p2.lambda - p1.lambda;
+    const r = (p1.lambda - p0.lambda) / h;
+    const expected = x9.map((xj, j) => (p2.s / p1.s) * xj - p2.a * (Math.exp(-h) - 1) * (m0[j]! + (m0[j]! - m1[j]!) / (2 * r)));
+    assertClose(got[9]!, expected, CLOSED_FORM_ATOL, 'second-order last step');
+    // With "zero" the last step is first order whatever lower_order_final says (diffusers 0.26.3).
+    const zero = run(createScheduler('dpmpp_2m', configWith({ lower_order_final: false, final_sigmas_type: 'zero' }), 10), seed);
+    assertClose(zero[9]!, m0, CLOSED_FORM_ATOL, '"zero" ends on x̂₀');
+  });
+
+  test('the keys a DPMSolverMultistepScheduler config carries at their defaults change nothing', () => {
+    const saved = configWith({
+      _class_name: 'DPMSolverMultistepScheduler',
+      algorithm_type: 'dpmsolver++',
+      solver_order: 2,
+      solver_type: 'midpoint',
+      lower_order_final: true,
+      euler_at_final: false,
+      use_lu_lambdas: false,
+      lambda_min_clipped: '-inf',
+      variance_type: null,
+      thresholding: false,
+      dynamic_thresholding_ratio: 0.995,
+      sample_max_value: 1,
+    });
+    for (const steps of [10, 20]) {
+      const a = createScheduler('dpmpp_2m', saved, steps);
+      const b = createScheduler('dpmpp_2m', SD15_CONFIG, steps);
+      assert.deepEqual([a.timesteps, a.sigmas], [b.timesteps, b.sigmas]);
+      assert.deepEqual(run(a, 60 + steps), run(b, 60 + steps), `${steps} steps`);
+    }
+  });
+
+  test('UniPC: lower_order_final = false changes only the last step; final_sigmas_type "sigma_min" changes nothing', () => {
+    const seed = 70;
+    const legacy = run(createScheduler('unipc', SD15_CONFIG, 10), seed);
+    const second = run(createScheduler('unipc', configWith({ lower_order_final: false }), 10), seed);
+    assert.deepEqual(second.slice(0, -1), legacy.slice(0, -1));
+    assert.ok(Math.abs(second[9]![0]! - legacy[9]![0]!) > 1e-6, 'the last step is second order');
+    assert.deepEqual(run(createScheduler('unipc', configWith({ final_sigmas_type: 'sigma_min' }), 10), seed), legacy);
+    assert.deepEqual(run(createScheduler('unipc', configWith({ lower_order_final: true }), 10), seed), legacy);
+  });
+});
+
 describe('noise schedule', () => {
   test('trained_betas equal to the scaled_linear betas give the same grid', () => {
     const betas = betasFor(resolveSchedulerConfig('euler', SD15_CONFIG));
@@ -410,6 +593,17 @@ describe('scheduler config', () => {
     const karrasConfig = configWith({ use_karras_sigmas: true });
     assert.deepEqual(createScheduler('dpmpp_2m', karrasConfig, 20).sigmas, createScheduler('dpmpp_2m', SD15_CONFIG, 20, { karrasSigmas: true }).sigmas);
     assert.deepEqual(createScheduler('dpmpp_2m', karrasConfig, 20, { karrasSigmas: false }).sigmas, createScheduler('dpmpp_2m', SD15_CONFIG, 20).sigmas);
+    // How the multistep solvers end: 0.24 defaults (no final_sigmas_type → 0.24's final σ).
+    const dpm = resolveSchedulerConfig('dpmpp_2m', empty);
+    assert.deepEqual([dpm.lowerOrderFinal, dpm.eulerAtFinal, dpm.finalSigmasType], [true, false, null]);
+    const saved = configWith({ lower_order_final: false, euler_at_final: true, final_sigmas_type: 'zero' });
+    const dpmSaved = resolveSchedulerConfig('dpmpp_2m', saved);
+    assert.deepEqual([dpmSaved.lowerOrderFinal, dpmSaved.eulerAtFinal, dpmSaved.finalSigmasType], [false, true, 'zero']);
+    // UniPC reads lower_order_final only; the other classes read none of the three.
+    const unipc = resolveSchedulerConfig('unipc', configWith({ lower_order_final: false, euler_at_final: true }));
+    assert.deepEqual([unipc.lowerOrderFinal, unipc.eulerAtFinal, unipc.finalSigmasType], [false, false, null]);
+    const euler = resolveSchedulerConfig('euler', saved);
+    assert.deepEqual([euler.lowerOrderFinal, euler.eulerAtFinal, euler.finalSigmasType], [true, false, null]);
   });
 
   test('an SD 2.1 (v-prediction DDIM) config loads', () => {
@@ -445,6 +639,13 @@ describe('scheduler config', () => {
       ['zero-SNR rescaling for DDIM', { rescale_betas_zero_snr: true }, 'rescale_betas_zero_snr', 'ddim'],
       ['sample prediction for PNDM', { prediction_type: 'sample' }, 'prediction_type', 'pndm'],
       ['sample prediction for Euler a', { prediction_type: 'sample' }, 'prediction_type', 'euler_ancestral'],
+      ['an unknown final_sigmas_type', { final_sigmas_type: 'denoise_to_zero' }, 'final_sigmas_type', 'dpmpp_2m'],
+      ['a null final_sigmas_type (diffusers raises on it)', { final_sigmas_type: null }, 'final_sigmas_type', 'dpmpp_2m'],
+      ['final_sigmas_type "zero" for UniPC (not in diffusers 0.26.3\'s UniPC)', { final_sigmas_type: 'zero' }, 'final_sigmas_type', 'unipc'],
+      ['a string for lower_order_final', { lower_order_final: 'true' }, 'lower_order_final', 'dpmpp_2m'],
+      ['a number for euler_at_final', { euler_at_final: 1 }, 'euler_at_final', 'dpmpp_2m'],
+      ['λ clipping for DPM-Solver++', { lambda_min_clipped: -5.1 }, 'lambda_min_clipped', 'dpmpp_2m'],
+      ['a non-numeric lambda_min_clipped string for DPM-Solver++', { lambda_min_clipped: 'inf' }, 'lambda_min_clipped', 'dpmpp_2m'],
     ];
     for (const [what, overrides, key, kind] of cases) {
       test(what, () => {
@@ -459,8 +660,10 @@ describe('scheduler config', () => {
       assert.throws(() => parseSchedulerConfig([1, 2], 'x.json'), (e: unknown) => e instanceof PipelineError && e.code === 'BAD_SCHEDULER_CONFIG' && e.message.startsWith('x.json'));
     });
 
-    test('a setting only another class would use is ignored (thresholding for Euler)', () => {
+    test('a setting only another class would use is ignored (thresholding for Euler, final_sigmas_type for Euler and DDIM)', () => {
       assert.equal(createScheduler('euler', configWith({ thresholding: true }), 20).timesteps.length, 20);
+      assert.deepEqual(createScheduler('euler', configWith({ final_sigmas_type: 'zero' }), 20).sigmas, createScheduler('euler', SD15_CONFIG, 20).sigmas);
+      assert.equal(createScheduler('ddim', configWith({ final_sigmas_type: 'zero', euler_at_final: true }), 20).timesteps.length, 20);
     });
 
     for (const steps of [0, -3, 2.5, Number.NaN, 1001]) {

@@ -108,9 +108,9 @@ describe('text to image matches the reference pipeline', () => {
     const recording: SdModels = {
       ...models,
       denoiser: {
-        predict: (sample, timestep, context) => {
-          seen.push([...context.shape]);
-          return models.denoiser.predict(sample, timestep, context);
+        predict: (request) => {
+          seen.push([...request.context.shape]);
+          return models.denoiser.predict(request);
         },
       },
     };

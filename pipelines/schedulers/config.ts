@@ -8,11 +8,21 @@
  * `resolveSchedulerConfig(kind, …)` applies the defaults of the class that `kind` stands for
  * (diffusers 0.24.0 signatures).
  *
- * Keys that pick the *algorithm* (`algorithm_type`, `solver_order`, `solver_type`,
- * `lower_order_final`, `predict_x0`, `skip_prk_steps`, …) are ignored: the sampler choice decides
- * the algorithm, and a file only carries them when it was saved from that class. Unknown keys are
- * ignored, as diffusers does. Settings diffusers would honour but Chorus does not implement
- * (thresholding, zero-SNR rescaling, …) are rejected when the chosen class would use them.
+ * Keys that pick the *algorithm* (`algorithm_type`, `solver_order`, `solver_type`, `predict_x0`,
+ * `skip_prk_steps`, …) are ignored: the sampler choice decides the algorithm, and a file only carries
+ * them when it was saved from that class. Unknown keys are ignored, as diffusers does. Settings
+ * diffusers would honour but Chorus does not implement (thresholding, zero-SNR rescaling, …) are
+ * rejected when the chosen class would use them.
+ *
+ * Keys that only change how the multistep solvers *end* are honoured by the classes that have them:
+ * - `lower_order_final` (DPM-Solver++ and UniPC, default true);
+ * - `euler_at_final` (DPM-Solver++, default false): the last step is first order;
+ * - `final_sigmas_type` (DPM-Solver++, added in diffusers 0.26): `"zero"` makes σ after the last step
+ *   0 and the last step first order, so the run ends on that step's x̂₀; `"sigma_min"` ends on
+ *   σ(t=0). Absent, Chorus keeps 0.24's behaviour (σ(t=0); with Karras σ the last σ repeated), not
+ *   0.26's default `"zero"`, so configs without the key give what they gave before. UniPC has no
+ *   such key in 0.26.3 (it came in a later release), so `"zero"` is rejected for UniPC; `"sigma_min"`
+ *   is what its last step does anyway and is accepted.
  */
 import { PipelineError } from '../errors.ts';
 import type { SchedulerKind } from './types.ts';
@@ -20,10 +30,13 @@ import type { SchedulerKind } from './types.ts';
 export type BetaSchedule = 'linear' | 'scaled_linear' | 'squaredcos_cap_v2';
 export type PredictionType = 'epsilon' | 'v_prediction' | 'sample';
 export type TimestepSpacing = 'leading' | 'linspace' | 'trailing';
+/** diffusers ≥ 0.26 `final_sigmas_type` of DPMSolverMultistepScheduler: σ after the last step. */
+export type FinalSigmasType = 'zero' | 'sigma_min';
 
 const BETA_SCHEDULES: readonly BetaSchedule[] = ['linear', 'scaled_linear', 'squaredcos_cap_v2'];
 const PREDICTION_TYPES: readonly PredictionType[] = ['epsilon', 'v_prediction', 'sample'];
 const TIMESTEP_SPACINGS: readonly TimestepSpacing[] = ['leading', 'linspace', 'trailing'];
+const FINAL_SIGMAS_TYPES: readonly FinalSigmasType[] = ['zero', 'sigma_min'];
 
 /** A setting in the file that Chorus does not implement, and the classes that would use it. */
 export interface UnsupportedSetting {
@@ -51,6 +64,9 @@ export interface SchedulerConfig {
   readonly clipSample: boolean | undefined;
   readonly clipSampleRange: number | undefined;
   readonly useKarrasSigmas: boolean | undefined;
+  readonly lowerOrderFinal: boolean | undefined;
+  readonly eulerAtFinal: boolean | undefined;
+  readonly finalSigmasType: FinalSigmasType | undefined;
   readonly unsupported: readonly UnsupportedSetting[];
 }
 
@@ -71,6 +87,19 @@ export interface ResolvedSchedulerConfig {
   readonly clipSampleRange: number;
   /** Only the classes that have `use_karras_sigmas` in 0.24 (LMS, Euler, Heun, DPM, UniPC) read it. */
   readonly useKarrasSigmas: boolean;
+  /**
+   * DPM-Solver++ and UniPC: the last step is first order (DPM-Solver++: only below 15 steps, as in
+   * diffusers). Others: true (unused).
+   */
+  readonly lowerOrderFinal: boolean;
+  /** DPM-Solver++: the last step is first order whatever the step count. Others: false. */
+  readonly eulerAtFinal: boolean;
+  /**
+   * DPM-Solver++: σ after the last step, with diffusers 0.26 semantics (`'zero'` also makes the last
+   * step first order). `null`: the key is absent; diffusers 0.24's grid (σ(t=0), or with Karras σ the
+   * last σ repeated). Others: null.
+   */
+  readonly finalSigmasType: FinalSigmasType | null;
 }
 
 interface ClassDefaults {
@@ -85,22 +114,44 @@ interface ClassDefaults {
   readonly readsClipSample: boolean;
   readonly readsSetAlphaToOne: boolean;
   readonly readsKarras: boolean;
+  /** Does the class read `lower_order_final` / `euler_at_final` / `final_sigmas_type`? */
+  readonly readsLowerOrderFinal: boolean;
+  readonly readsEulerAtFinal: boolean;
+  readonly readsFinalSigmasType: boolean;
   readonly predictionTypes: readonly PredictionType[];
 }
 
 const DDPM_BETAS = { betaStart: 0.0001, betaEnd: 0.02, betaSchedule: 'linear' } as const;
-const NO_FLAGS = { setAlphaToOne: false, clipSample: false, readsClipSample: false, readsSetAlphaToOne: false } as const;
+const NO_FLAGS = {
+  setAlphaToOne: false,
+  clipSample: false,
+  readsClipSample: false,
+  readsSetAlphaToOne: false,
+  readsLowerOrderFinal: false,
+  readsEulerAtFinal: false,
+  readsFinalSigmasType: false,
+} as const;
 
 /** diffusers 0.24.0 `__init__` defaults of each class. */
 export const CLASS_DEFAULTS: Readonly<Record<SchedulerKind, ClassDefaults>> = {
-  ddim: { className: 'DDIMScheduler', ...DDPM_BETAS, timestepSpacing: 'leading', setAlphaToOne: true, clipSample: true, readsClipSample: true, readsSetAlphaToOne: true, readsKarras: false, predictionTypes: PREDICTION_TYPES },
+  ddim: { className: 'DDIMScheduler', ...DDPM_BETAS, timestepSpacing: 'leading', ...NO_FLAGS, setAlphaToOne: true, clipSample: true, readsClipSample: true, readsSetAlphaToOne: true, readsKarras: false, predictionTypes: PREDICTION_TYPES },
   pndm: { className: 'PNDMScheduler', ...DDPM_BETAS, timestepSpacing: 'leading', ...NO_FLAGS, readsSetAlphaToOne: true, readsKarras: false, predictionTypes: ['epsilon', 'v_prediction'] },
   lms: { className: 'LMSDiscreteScheduler', ...DDPM_BETAS, timestepSpacing: 'linspace', ...NO_FLAGS, readsKarras: true, predictionTypes: PREDICTION_TYPES },
   euler: { className: 'EulerDiscreteScheduler', ...DDPM_BETAS, timestepSpacing: 'linspace', ...NO_FLAGS, readsKarras: true, predictionTypes: PREDICTION_TYPES },
   euler_ancestral: { className: 'EulerAncestralDiscreteScheduler', ...DDPM_BETAS, timestepSpacing: 'linspace', ...NO_FLAGS, readsKarras: false, predictionTypes: ['epsilon', 'v_prediction'] },
   heun: { className: 'HeunDiscreteScheduler', betaStart: 0.00085, betaEnd: 0.012, betaSchedule: 'linear', timestepSpacing: 'linspace', ...NO_FLAGS, readsClipSample: true, readsKarras: true, predictionTypes: PREDICTION_TYPES },
-  dpmpp_2m: { className: 'DPMSolverMultistepScheduler', ...DDPM_BETAS, timestepSpacing: 'linspace', ...NO_FLAGS, readsKarras: true, predictionTypes: PREDICTION_TYPES },
-  unipc: { className: 'UniPCMultistepScheduler', ...DDPM_BETAS, timestepSpacing: 'linspace', ...NO_FLAGS, readsKarras: true, predictionTypes: PREDICTION_TYPES },
+  dpmpp_2m: {
+    className: 'DPMSolverMultistepScheduler',
+    ...DDPM_BETAS,
+    timestepSpacing: 'linspace',
+    ...NO_FLAGS,
+    readsKarras: true,
+    readsLowerOrderFinal: true,
+    readsEulerAtFinal: true,
+    readsFinalSigmasType: true,
+    predictionTypes: PREDICTION_TYPES,
+  },
+  unipc: { className: 'UniPCMultistepScheduler', ...DDPM_BETAS, timestepSpacing: 'linspace', ...NO_FLAGS, readsKarras: true, readsLowerOrderFinal: true, predictionTypes: PREDICTION_TYPES },
 };
 
 const DEFAULT_NUM_TRAIN_TIMESTEPS = 1000;
@@ -114,11 +165,22 @@ const UNSUPPORTED_KEYS: readonly { key: string; isDefault: (v: unknown) => boole
   { key: 'sigma_min', isDefault: (v) => v === null, usedBy: ['euler'], reason: 'σ bounds come from the training schedule' },
   { key: 'sigma_max', isDefault: (v) => v === null, usedBy: ['euler'], reason: 'σ bounds come from the training schedule' },
   { key: 'use_lu_lambdas', isDefault: (v) => v === false || v === null, usedBy: ['dpmpp_2m'], reason: 'Lu et al. λ spacing is not implemented' },
-  { key: 'euler_at_final', isDefault: (v) => v === false || v === null, usedBy: ['dpmpp_2m'], reason: 'the final step follows `lower_order_final` only' },
+  {
+    key: 'final_sigmas_type',
+    isDefault: (v) => v === 'sigma_min',
+    usedBy: ['unipc'],
+    reason: 'UniPC in diffusers 0.24/0.26 has no `final_sigmas_type`: its last step lands on σ(t=0) ("sigma_min"); the σ = 0 end of later releases is not implemented',
+  },
   { key: 'variance_type', isDefault: (v) => v === null, usedBy: ['dpmpp_2m'], reason: 'learned-variance models are not SD 1.x/2.x' },
   // Python's json writes -Infinity, which JSON.parse rejects; readers map it to null (see test/fixtures.ts).
-  { key: 'lambda_min_clipped', isDefault: (v) => v === null || v === -Infinity, usedBy: ['dpmpp_2m'], reason: 'λ clipping (for cosine schedules) is not implemented' },
+  // Some writers store Python's str(float('-inf')) instead: "-inf".
+  { key: 'lambda_min_clipped', isDefault: (v) => v === null || v === -Infinity || isMinusInfinityString(v), usedBy: ['dpmpp_2m'], reason: 'λ clipping (for cosine schedules) is not implemented' },
 ];
+
+/** "-inf" / "-infinity" (any case): −∞ as a string. */
+function isMinusInfinityString(v: unknown): boolean {
+  return typeof v === 'string' && /^-inf(inity)?$/i.test(v.trim());
+}
 
 function bad(source: string, key: string, value: unknown, expected: string): never {
   throw new PipelineError(
@@ -198,6 +260,9 @@ export function parseSchedulerConfig(json: unknown, source = 'scheduler_config.j
     clipSample: bool(source, raw, 'clip_sample'),
     clipSampleRange: between(source, raw, 'clip_sample_range', 0, Infinity),
     useKarrasSigmas: bool(source, raw, 'use_karras_sigmas'),
+    lowerOrderFinal: bool(source, raw, 'lower_order_final'),
+    eulerAtFinal: bool(source, raw, 'euler_at_final'),
+    finalSigmasType: oneOf(source, raw, 'final_sigmas_type', FINAL_SIGMAS_TYPES),
     unsupported,
   };
 }
@@ -241,5 +306,8 @@ export function resolveSchedulerConfig(kind: SchedulerKind, config: SchedulerCon
     clipSample: d.readsClipSample ? (config.clipSample ?? d.clipSample) : false,
     clipSampleRange: config.clipSampleRange ?? 1,
     useKarrasSigmas: d.readsKarras ? (config.useKarrasSigmas ?? false) : false,
+    lowerOrderFinal: d.readsLowerOrderFinal ? (config.lowerOrderFinal ?? true) : true,
+    eulerAtFinal: d.readsEulerAtFinal ? (config.eulerAtFinal ?? false) : false,
+    finalSigmasType: d.readsFinalSigmasType ? (config.finalSigmasType ?? null) : null,
   };
 }

@@ -1,26 +1,34 @@
 /**
  * DPM-Solver++(2M): Lu, Zhou, Bao, Chen, Li & Zhu, "DPM-Solver++: Fast Solver for Guided Sampling of
- * Diffusion Probabilistic Models" (arXiv 2211.01095), Algorithm 2, as diffusers 0.24
+ * Diffusion Probabilistic Models" (arXiv 2211.01095), Algorithm 2, as diffusers
  * `DPMSolverMultistepScheduler` computes it with `algorithm_type="dpmsolver++"`,
- * `solver_type="midpoint"`, `solver_order=2`, `lower_order_final=True`.
+ * `solver_type="midpoint"`, `solver_order=2`: diffusers 0.24 by default, diffusers 0.26's ending when
+ * the config sets `final_sigmas_type`.
  *
  * | code            | symbol          | meaning                                                        |
  * |-----------------|-----------------|----------------------------------------------------------------|
- * | `sigmas[i]`     | σ_i (VE)        | √((1−ᾱ)/ᾱ) at evaluation i; σ_N = σ(t=0) ≈ 0.0292 in 0.24       |
+ * | `sigmas[i]`     | σ_i (VE)        | √((1−ᾱ)/ᾱ) at evaluation i; σ_N is where the last step lands    |
  * | `alphaT,sigmaT` | α_t, σ_t        | VP scales 1/√(1+σ²), σ/√(1+σ²)                                 |
  * | `lambda`        | λ_t             | log(α_t/σ_t), the half log-SNR                                  |
  * | `h`             | h_i             | λ_{t_i} − λ_{t_{i−1}}                                           |
  * | `r0`            | r_i             | h_{i−1}/h_i                                                     |
  * | `m0`, `m1`      | x_θ(t_{i−1}), x_θ(t_{i−2}) | current and previous x₀ predictions (`predictions.ts`) |
  *
- * First order (DPM-Solver++(1), the DDIM step): x_t = (σ_t/σ_s)·x − α_t(e^{−h} − 1)·m0.
+ * First order (DPM-Solver++(1), the DDIM step; Eq. (5) of the paper with x_θ held constant):
+ * x_t = (σ_t/σ_s)·x − α_t(e^{−h} − 1)·m0.
  * Second order, diffusers' "midpoint" form of Algorithm 2: D0 = m0, D1 = (m0 − m1)/r0,
  * x_t = (σ_t/σ_s)·x − α_t(e^{−h} − 1)·D0 − ½·α_t(e^{−h} − 1)·D1.
- * The first step is first order (no history). `lower_order_final`: in 0.24 the last step drops to
- * first order only when there are fewer than 15 steps.
+ * The first step is first order (no history). The last step is first order when any of:
+ * - `lower_order_final` and fewer than 15 steps (diffusers' stability rule for < 15 steps);
+ * - `euler_at_final`;
+ * - `final_sigmas_type = "zero"` (diffusers ≥ 0.26).
  *
- * Karras σ (Karras et al. 2022, Eq. (5)): timesteps are round(t(σ)); the last σ is repeated, so the
- * last step goes from σ_min to σ_min (h = 0: x is returned unchanged, as in diffusers).
+ * Where the last step lands (σ_N, `schedule.ts` `multistepGridFor`):
+ * - key absent (diffusers 0.24): σ(t=0) ≈ 0.0292; with Karras σ (Karras et al. 2022, Eq. (5);
+ *   timesteps round(t(σ))) the last σ is repeated, so the last step has h = 0 and returns x unchanged;
+ * - `"sigma_min"`: σ(t=0), also with Karras σ;
+ * - `"zero"`: σ_N = 0, so α_t = 1, σ_t = 0, λ_t = +∞, e^{−h} = 0, and the first-order step gives
+ *   x_N = 0·x + m0: the run ends on the last step's x₀ prediction.
  */
 import type { PredictionType, ResolvedSchedulerConfig } from './config.ts';
 import { alphaSigmaFromSigma, denoisedFromAlphaSigma } from './predictions.ts';
@@ -28,7 +36,7 @@ import { multistepGridFor, noiseScheduleFor } from './schedule.ts';
 import { StepOrder } from './step-order.ts';
 import type { Scheduler } from './types.ts';
 
-/** diffusers 0.24: `lower_order_final` only applies below this many steps (stability for < 15). */
+/** diffusers: `lower_order_final` only applies below this many steps (stability for < 15). */
 const LOWER_ORDER_FINAL_BELOW_STEPS = 15;
 
 function lambdaOf(alphaT: number, sigmaT: number): number {
@@ -43,6 +51,8 @@ export class DpmSolverPlusPlus2MScheduler implements Scheduler {
   readonly needsNoise = false;
   readonly #predictionType: PredictionType;
   readonly #order: StepOrder;
+  /** Is the last step first order (see the header)? */
+  readonly #firstOrderFinal: boolean;
   /** x₀ prediction of the previous evaluation (m1), once there is one. */
   #previousDenoised: Float32Array | undefined;
 
@@ -52,6 +62,8 @@ export class DpmSolverPlusPlus2MScheduler implements Scheduler {
     this.timesteps = grid.timesteps;
     this.sigmas = grid.sigmas;
     this.#order = new StepOrder(this.kind, this.timesteps.length, false);
+    const n = this.timesteps.length;
+    this.#firstOrderFinal = config.eulerAtFinal || (config.lowerOrderFinal && n < LOWER_ORDER_FINAL_BELOW_STEPS) || config.finalSigmasType === 'zero';
   }
 
   scaleModelInput(sample: Float32Array, stepIndex: number): Float32Array<ArrayBuffer> {
@@ -62,8 +74,7 @@ export class DpmSolverPlusPlus2MScheduler implements Scheduler {
   step(modelOutput: Float32Array, stepIndex: number, sample: Float32Array, noise?: Float32Array): Float32Array<ArrayBuffer> {
     this.#order.advance(stepIndex, modelOutput, sample, noise);
     const i = stepIndex;
-    const n = this.timesteps.length;
-    const lowerOrderFinal = i === n - 1 && n < LOWER_ORDER_FINAL_BELOW_STEPS;
+    const lowerOrderHere = this.#firstOrderFinal && i === this.timesteps.length - 1;
 
     // convert_model_output: x₀ prediction at σ_i.
     const s0 = alphaSigmaFromSigma(this.sigmas[i]!);
@@ -72,13 +83,14 @@ export class DpmSolverPlusPlus2MScheduler implements Scheduler {
     const m1 = this.#previousDenoised;
     this.#previousDenoised = m0;
 
+    // σ_{i+1} = 0 ("zero"): σ_t = 0, λ_t = +∞, h = +∞, e^{−h} = 0, so the first-order step is m0.
     const t = alphaSigmaFromSigma(this.sigmas[i + 1]!);
     const h = lambdaOf(t.alphaT, t.sigmaT) - lambdaOf(s0.alphaT, s0.sigmaT);
     const sampleCoeff = t.sigmaT / s0.sigmaT;
     const outputCoeff = t.alphaT * (Math.exp(-h) - 1);
     const out = new Float32Array(sample.length);
 
-    if (m1 === undefined || lowerOrderFinal) {
+    if (m1 === undefined || lowerOrderHere) {
       for (let j = 0; j < out.length; j++) out[j] = sampleCoeff * sample[j]! - outputCoeff * m0[j]!;
       return out;
     }

@@ -28,6 +28,7 @@ export {
   type BetaSchedule,
   type PredictionType,
   type TimestepSpacing,
+  type FinalSigmasType,
 } from './config.ts';
 export {
   resolveSampler,

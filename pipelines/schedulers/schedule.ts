@@ -246,19 +246,38 @@ export function sigmaGridFor(config: ResolvedSchedulerConfig, schedule: NoiseSch
 }
 
 /**
- * DPM-Solver++ and UniPC (`set_timesteps` of those classes, diffusers 0.24): integer timesteps, σ at
- * each, then σ(t = 0) (0.24's final σ; later releases default to 0). With Karras spacing, N σ from
- * σ(T−1) down to σ(0), timesteps = round(t(σ)), and the last σ repeated.
+ * DPM-Solver++ and UniPC (`set_timesteps` of those classes): integer timesteps and σ at each, then the
+ * σ the last step lands on. With Karras spacing, N σ from σ(T−1) down to σ(0) and
+ * timesteps = round(t(σ)). The last σ follows `config.finalSigmasType`:
+ * - `null` (diffusers 0.24, and UniPC): σ(t = 0); with Karras σ the last σ repeated;
+ * - `'sigma_min'` (diffusers 0.26): σ(t = 0), with or without Karras σ;
+ * - `'zero'` (diffusers 0.26's default): 0, with or without Karras σ.
  */
 export function multistepGridFor(config: ResolvedSchedulerConfig, schedule: NoiseSchedule, n: number, karras: boolean): SigmaGrid {
   const table = schedule.sigmaTable;
+  let timesteps: number[];
+  let sigmas: number[];
   if (karras) {
-    const sigmas = karrasSigmas(table[0]!, table[table.length - 1]!, n);
+    sigmas = karrasSigmas(table[0]!, table[table.length - 1]!, n);
     const logSigmas = logSigmaTableFor(table);
-    return { timesteps: sigmas.map((s) => roundHalfEven(sigmaToTimestep(s, logSigmas))), sigmas: [...sigmas, sigmas[n - 1]!].map(f32) };
+    timesteps = sigmas.map((s) => roundHalfEven(sigmaToTimestep(s, logSigmas)));
+  } else {
+    timesteps = multistepTimesteps(config.timestepSpacing, config.numTrainTimesteps, n, config.stepsOffset);
+    sigmas = timesteps.map((t) => interpSigma(t, table));
   }
-  const timesteps = multistepTimesteps(config.timestepSpacing, config.numTrainTimesteps, n, config.stepsOffset);
-  return { timesteps, sigmas: [...timesteps.map((t) => interpSigma(t, table)), table[0]!].map(f32) };
+  let last: number;
+  switch (config.finalSigmasType) {
+    case null:
+      last = karras ? sigmas[n - 1]! : table[0]!;
+      break;
+    case 'sigma_min':
+      last = table[0]!;
+      break;
+    case 'zero':
+      last = 0;
+      break;
+  }
+  return { timesteps, sigmas: [...sigmas, last].map(f32) };
 }
 
 /** Euler-family `init_noise_sigma`: σ_max for linspace/trailing spacing, else √(σ_max² + 1) (float32). */

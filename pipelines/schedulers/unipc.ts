@@ -2,8 +2,8 @@
  * UniPC: Zhao, Bai, Rao, Zhou & Lu, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling
  * of Diffusion Models" (NeurIPS 2023, arXiv 2302.04867), multistep UniP predictor + UniC corrector in
  * the data-prediction form with B(h) = e^h − 1 ("bh2"), order 2, as diffusers 0.24
- * `UniPCMultistepScheduler` computes it (`predict_x0=True`, `lower_order_final=True`, corrector on
- * every step after the first).
+ * `UniPCMultistepScheduler` computes it (`predict_x0=True`, corrector on every step after the first;
+ * `lower_order_final` from the config, default true).
  *
  * | code            | symbol            | meaning                                                        |
  * |-----------------|-------------------|----------------------------------------------------------------|
@@ -26,8 +26,10 @@
  * with a_c solving R·a_c = b (order 1: a_c = ½).
  * b_k = k!·h̃φ_{k+1}(h̃)/B(h) via the recurrence φ_{k+1} = (φ_k − 1/k!)/h̃ (diffusers' `h_phi_k`).
  *
- * Orders: warm-up min(2, steps so far + 1); `lower_order_final` makes the last step first order; the
- * corrector reuses the order of the predictor it corrects.
+ * Orders: warm-up min(2, steps so far + 1); `lower_order_final` caps the order at the number of steps
+ * left, so the last step is first order (at any step count, unlike DPM-Solver++); the corrector reuses
+ * the order of the predictor it corrects. The last step lands on σ(t=0): diffusers 0.26.3's UniPC has
+ * no `final_sigmas_type` (`config.ts` rejects "zero" for it).
  */
 import type { PredictionType, ResolvedSchedulerConfig } from './config.ts';
 import { alphaSigmaFromSigma, denoisedFromAlphaSigma } from './predictions.ts';
@@ -71,6 +73,7 @@ export class UniPcScheduler implements Scheduler {
   readonly needsNoise = false;
   readonly #predictionType: PredictionType;
   readonly #order: StepOrder;
+  readonly #lowerOrderFinal: boolean;
   /** x₀ predictions of the last two evaluations, oldest first. */
   #modelOutputs: Float32Array[] = [];
   /** The sample the previous predictor started from (x_s of the corrector). */
@@ -81,6 +84,7 @@ export class UniPcScheduler implements Scheduler {
 
   constructor(config: ResolvedSchedulerConfig, numInferenceSteps: number, karras: boolean) {
     this.#predictionType = config.predictionType;
+    this.#lowerOrderFinal = config.lowerOrderFinal;
     const grid = multistepGridFor(config, noiseScheduleFor(config), numInferenceSteps, karras);
     this.timesteps = grid.timesteps;
     this.sigmas = grid.sigmas;
@@ -103,7 +107,7 @@ export class UniPcScheduler implements Scheduler {
     const corrected = i > 0 && this.#lastSample !== undefined ? this.#correct(mT, this.#lastSample, sample, i, this.#thisOrder) : sample;
 
     this.#modelOutputs = [...this.#modelOutputs.slice(-(SOLVER_ORDER - 1)), mT];
-    const orderCap = Math.min(SOLVER_ORDER, this.timesteps.length - i);
+    const orderCap = this.#lowerOrderFinal ? Math.min(SOLVER_ORDER, this.timesteps.length - i) : SOLVER_ORDER;
     this.#thisOrder = Math.min(orderCap, this.#lowerOrderNums + 1);
     this.#lastSample = corrected;
     // 2. UniP: predict the next sample.

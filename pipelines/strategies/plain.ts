@@ -27,7 +27,7 @@ export function plainStrategy(conditioning: PromptConditioning, guidanceScale: n
       return [{ context: conditioningAt(conditioning.negative, ctx.step) }, ...conditioning.positive.map((p) => ({ context: conditioningAt(p.schedule, ctx.step) }))];
     },
     combine(_state, _ctx, outputs): Float32Array {
-      const [uncond, ...conds] = outputs;
+      const [uncond, ...conds] = outputs.map((o) => o.eps);
       const out = Float32Array.from(uncond!);
       conditioning.positive.forEach((p, i) => {
         const c = conds[i]!;

@@ -16,6 +16,8 @@ export interface StepContext {
   readonly timestep: number;
   /** Images in the batch. */
   readonly batch: number;
+  /** The latents before this evaluation (B, C, h, w), read-only. */
+  readonly latents: Float32Array;
 }
 
 /** One denoiser branch: every image of the batch is evaluated with this text context. */
@@ -27,12 +29,24 @@ export interface Branch {
    * Default: the stack's own strengths (all LoRAs merged, as A1111 applies a stack).
    */
   readonly mix?: readonly number[];
+  /** Run the shallow UNet on this cached deep feature (the batch's B images, flat) — CMLoRA. */
+  readonly deepFeature?: Float32Array;
+  /** Keep this (full) pass's deep feature: it comes back in the branch's output. */
+  readonly keepDeepFeature?: boolean;
+}
+
+/** What one branch produced for the whole batch. */
+export interface BranchOutput {
+  /** ε (B, C, h, w), flat. */
+  readonly eps: Float32Array;
+  /** The deep feature (B, C₁, h, w), flat, when the branch asked to keep it. */
+  readonly deepFeature?: Float32Array;
 }
 
 export interface Strategy<State> {
   readonly name: string;
   begin(): State;
   branches(state: State, ctx: StepContext): readonly Branch[];
-  /** `outputs[i]` is branch i's prediction for the whole batch (B, C, h, w), flat. Returns ε (B, C, h, w). */
-  combine(state: State, ctx: StepContext, outputs: readonly Float32Array[]): Float32Array;
+  /** `outputs[i]` is what branch i produced. Returns ε (B, C, h, w), flat. */
+  combine(state: State, ctx: StepContext, outputs: readonly BranchOutput[]): Float32Array;
 }
