@@ -19,6 +19,20 @@ export interface JobLora {
   readonly unet: number;
 }
 
+/**
+ * A region of the image with its own prompt and LoRA (the `regions` strategy). Exactly one of
+ * `box` (pixels: x, y, width, height from the top-left) or `mask` (a PNG file: white/opaque = in the
+ * region, resized to the image) gives its area.
+ */
+export interface JobRegion {
+  readonly box?: readonly [x: number, y: number, width: number, height: number];
+  readonly mask?: string;
+  readonly prompt: string;
+  /** Default: the job's negative prompt. */
+  readonly negativePrompt?: string;
+  readonly lora?: JobLora;
+}
+
 /** How LoRAs are applied: `bank` (runtime inputs), `merged` (baked into the weights), `auto` (merged only when a LoRA is not low-rank). */
 export type LoraMode = 'auto' | 'bank' | 'merged';
 
@@ -49,6 +63,8 @@ export interface GenerateJob {
   readonly loraMode: LoraMode;
   /** How several LoRAs are composed (plain: all at once at their weights). */
   readonly strategy: StrategySpec;
+  /** Regions for the `regions` strategy (ignored by the others). */
+  readonly regions: readonly JobRegion[];
 }
 
 export const JOB_DEFAULTS = {
@@ -66,6 +82,35 @@ export const JOB_DEFAULTS = {
   emphasis: 'original',
   loraMode: 'auto',
 } as const;
+
+/** Regions: a box inside the canvas (or a mask file), a prompt; at most 16 (graph region slots). */
+export const MAX_REGIONS = 16;
+
+function normalizeRegions(regions: readonly JobRegion[] | undefined, width: number, height: number): JobRegion[] {
+  const list = regions ?? [];
+  if (list.length > MAX_REGIONS) throw new PipelineError('BAD_ARGUMENT', `at most ${MAX_REGIONS} regions, got ${list.length}.`, { field: 'regions' });
+  return list.map((r, i) => {
+    const field = `regions[${i}]`;
+    if (typeof r.prompt !== 'string') throw new PipelineError('BAD_PROMPT', `${field}.prompt must be text.`, { field: `${field}.prompt` });
+    if ((r.box === undefined) === (r.mask === undefined)) throw new PipelineError('BAD_ARGUMENT', `${field}: give either a box [x, y, width, height] or a mask PNG.`, { field });
+    if (r.box !== undefined) {
+      const [x, y, w, h] = r.box;
+      if (![x, y, w, h].every((v) => Number.isFinite(v)) || w <= 0 || h <= 0) {
+        throw new PipelineError('BAD_ARGUMENT', `${field}.box must be [x, y, width, height] with positive width and height, got ${JSON.stringify(r.box)}.`, { field: `${field}.box` });
+      }
+      if (x < 0 || y < 0 || x + w > width || y + h > height) {
+        throw new PipelineError('BAD_ARGUMENT', `${field}.box [${r.box.join(', ')}] reaches outside the ${width}×${height} canvas; keep x + width ≤ ${width} and y + height ≤ ${height}.`, {
+          field: `${field}.box`,
+          box: r.box,
+          canvas: [width, height],
+        });
+      }
+    }
+    if (r.mask !== undefined && (typeof r.mask !== 'string' || r.mask === '')) throw new PipelineError('BAD_ARGUMENT', `${field}.mask must be a PNG file path.`, { field: `${field}.mask` });
+    const lora = r.lora === undefined ? undefined : normalizeLoras([r.lora])[0];
+    return { ...r, ...(lora === undefined ? {} : { lora }) };
+  });
+}
 
 function normalizeStrategy(spec: StrategySpec | undefined): StrategySpec {
   const s = spec ?? { name: 'plain' };
@@ -157,6 +202,7 @@ export function normalizeJob(input: JobInput): GenerateJob {
     loras: normalizeLoras(input.loras),
     loraMode: input.loraMode ?? JOB_DEFAULTS.loraMode,
     strategy: normalizeStrategy(input.strategy),
+    regions: normalizeRegions(input.regions, input.width ?? JOB_DEFAULTS.width, input.height ?? JOB_DEFAULTS.height),
   };
   if (!['auto', 'bank', 'merged'].includes(job.loraMode)) throw new PipelineError('BAD_ARGUMENT', `loraMode must be auto, bank or merged, got ${JSON.stringify(job.loraMode)}.`, { field: 'loraMode' });
   if (typeof job.negativePrompt !== 'string') throw new PipelineError('BAD_PROMPT', 'negative prompt must be text.', { field: 'negativePrompt' });

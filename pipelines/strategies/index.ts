@@ -10,8 +10,8 @@ import type { StrategySetup } from './setup.ts';
 import { switchStrategy, SWITCH_DEFAULTS } from './switch.ts';
 import type { Strategy } from './types.ts';
 
-export type StrategyName = 'plain' | 'merge' | 'switch' | 'composite' | 'cmlora';
-export const STRATEGY_NAMES: readonly StrategyName[] = ['plain', 'merge', 'switch', 'composite', 'cmlora'];
+export type StrategyName = 'plain' | 'merge' | 'switch' | 'composite' | 'cmlora' | 'regions';
+export const STRATEGY_NAMES: readonly StrategyName[] = ['plain', 'merge', 'switch', 'composite', 'cmlora', 'regions'];
 
 /** A job's strategy: its name and knobs (every knob has a default). */
 export interface StrategySpec {
@@ -34,11 +34,12 @@ export const STRATEGY_SUMMARIES: Readonly<Record<StrategyName, string>> = {
   switch: 'LoRA Switch (Zhong et al. 2024): one LoRA per step, rotating every τ steps',
   composite: 'LoRA Composite (Zhong et al. 2024): every LoRA alone each step, predictions averaged',
   cmlora: 'CMLoRA (Zou et al. 2025): Composite with frequency-ordered dominance and cached deep features',
+  regions: 'Regions (Mix-of-Show sampling): a prompt and a LoRA per box or painted mask, one UNet pass per step',
 };
 
 /** Whether a strategy needs per-branch adapter mixes (the adapter bank, not merged weights). */
 export function needsAdapterBank(name: StrategyName): boolean {
-  return name === 'switch' || name === 'composite' || name === 'cmlora';
+  return name === 'switch' || name === 'composite' || name === 'cmlora' || name === 'regions';
 }
 
 /** Text-encoder strengths the prompt is encoded with, per LoRA in stack order. */
@@ -52,6 +53,7 @@ export function textEncoderMix(spec: StrategySpec, setup: Pick<StrategySetup, 's
       return cmloraStrategy.textEncoderMix(setup);
     case 'plain':
     case 'merge':
+    case 'regions':
       return setup.stack.strengths('text_encoder');
   }
 }
@@ -80,6 +82,8 @@ export function createStrategy(spec: StrategySpec, setup: StrategySetup, latentS
       };
       return cmloraStrategy.create(setup, knobs, latentShape) as Strategy<unknown>;
     }
+    case 'regions':
+      throw new PipelineError('BAD_ARGUMENT', 'the regions strategy is not available yet.', { field: 'strategy' });
   }
 }
 
