@@ -43,6 +43,20 @@ export interface UnetVariant {
   readonly deepFeature?: boolean;
   /** The shallow variant: starts from a cached `deep_feature` (see networks/unet.ts). */
   readonly shallow?: boolean;
+  /** Region slots (see networks/unet.ts `regions`). */
+  readonly regions?: boolean;
+}
+
+/** Region inputs of one UNet call (the regions variant). */
+export interface RegionInputs {
+  /** (B, R, S_r, D) */
+  readonly context: Tensor<'float32'>;
+  /** Per UNet level l: (B, R, h_l, w_l), 0/1. */
+  readonly masks: readonly Tensor<'float32'>[];
+  /** (B, R, K): each slot's adapter strengths for its cross-attention k/v (with LoRAs). */
+  readonly mix?: Tensor<'float32'>;
+  /** Per level l: (B, K, h_l, w_l) per-pixel adapter strengths (with LoRAs). */
+  readonly mixMaps?: readonly Tensor<'float32'>[];
 }
 
 export interface TextEncoderVariant {
@@ -126,6 +140,8 @@ export interface UnetInput {
   readonly encoderHiddenStates: Tensor;
   /** The cached deep feature, for the shallow variant (B, C₁, h, w). */
   readonly deepFeature?: Tensor;
+  /** Region slots, for the regions variant. */
+  readonly regions?: RegionInputs;
 }
 
 const COMPONENT_OF: Readonly<Record<GraphKind, Component>> = { text_encoder: 'text_encoder', unet: 'unet', vae_decoder: 'vae', vae_encoder: 'vae' };
@@ -319,6 +335,24 @@ export class Sd15Engine {
       throw new ModelError('SHAPE_MISMATCH', `timestep must hold 1 or ${batch} values, got ${t.data.length}.`, { input: 'timestep', shape: t.shape });
     }
     const { session, feeds } = await this.#withAdapters('unet', variant, adapters, batch);
+    if ((variant.regions === true) !== (input.regions !== undefined)) {
+      throw new ModelError('SHAPE_MISMATCH', variant.regions === true ? 'the regions UNet needs region inputs.' : 'region inputs need the regions UNet variant.', { input: 'region_context' });
+    }
+    const regionFeeds: Record<string, Tensor> = {};
+    if (input.regions !== undefined) {
+      const r = input.regions;
+      const levels = c.blockOutChannels.length;
+      if (r.masks.length !== levels || (r.mixMaps !== undefined && r.mixMaps.length !== levels)) {
+        throw new ModelError('SHAPE_MISMATCH', `region masks (and LoRA maps) are needed for each of the ${levels} UNet levels, got ${r.masks.length}.`, { input: 'region_mask' });
+      }
+      regionFeeds.region_context = r.context;
+      r.masks.forEach((m, l) => (regionFeeds[`region_mask.${l}`] = m));
+      if (adapters !== undefined && adapters.mode === 'bank') {
+        if (r.mix === undefined || r.mixMaps === undefined) throw new ModelError('SHAPE_MISMATCH', 'regions with LoRAs need the slots\' mix and the per-pixel LoRA maps.', { input: 'region_lora_mix' });
+        regionFeeds.region_lora_mix = r.mix;
+        r.mixMaps.forEach((m, l) => (regionFeeds[`lora_mix_map.${l}`] = m));
+      }
+    }
     if ((variant.shallow === true) !== (input.deepFeature !== undefined)) {
       throw new ModelError('SHAPE_MISMATCH', variant.shallow === true ? 'the shallow UNet needs the cached deep_feature input.' : 'deep_feature is only an input of the shallow UNet variant.', { input: 'deep_feature' });
     }
@@ -328,6 +362,7 @@ export class Sd15Engine {
       timestep: { dtype: 'float32', shape: [t.data.length], data: t.data },
       encoder_hidden_states: f32(ctx),
       ...(input.deepFeature === undefined ? {} : { deep_feature: f32(input.deepFeature) }),
+      ...regionFeeds,
     });
     const result: Record<string, Tensor<'float32'>> = {};
     for (const [k, v] of Object.entries(out)) result[k] = f32(v);

@@ -135,7 +135,7 @@ export class OrtSession {
     try {
       results = fetch === undefined ? await session.run(ortFeeds) : await session.run(ortFeeds, [...fetch]);
     } catch (e) {
-      throw new ModelError('RUNTIME', `inference failed: ${(e as Error).message}`, { inputs: Object.keys(feeds) });
+      throw new ModelError('RUNTIME', `inference failed: ${(e as Error).message}`, { inputs: Object.keys(feeds).length });
     }
     const out: Record<string, Tensor> = {};
     for (const [k, v] of Object.entries(results)) out[k] = fromOrt(v);

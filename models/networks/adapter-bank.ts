@@ -40,10 +40,44 @@ export function bankInputNames(module: string): { down: string; up: string; owne
   return { down: `lora.${module}.down`, up: `lora.${module}.up`, owner: `lora.${module}.owner` };
 }
 
+/**
+ * Per-pixel adapter strengths (region LoRAs): each UNet level l gets `lora_mix_map.<l>`
+ * [batch, K, h_l, w_l]; layers that act on pixels or pixel tokens at level l use it instead of
+ * the per-batch mix, so adapter k's delta at pixel q is scaled by map[b, k, q]. Layers that do not
+ * act on pixels (cross-attention k/v on text tokens) keep `lora_mix`; the time-embedding projection,
+ * whose output is broadcast over pixels, gets its delta spread over the map (see `timeEmbeddingDelta`).
+ */
+interface SpatialMix {
+  /** The level a module's output lives on, or undefined for non-pixel layers. */
+  readonly levelOf: (module: string) => number | undefined;
+  readonly maps: Map<number, Value>;
+}
+
 interface BankState {
   readonly prefixes: readonly string[];
   readonly mix: Value;
   readonly layers: BankLayer[];
+  /** Inputs per module, so a layer applied twice (global and region paths) shares them. */
+  readonly inputs: Map<string, { down: Value; up: Value; owner: Value }>;
+  spatial?: SpatialMix;
+}
+
+export const LORA_MIX_MAP_INPUT = (level: number): string => `lora_mix_map.${level}`;
+
+/** Switch the bank to per-pixel strengths (see `SpatialMix`). */
+export function enableSpatialMix(g: Ops, levelOf: (module: string) => number | undefined): void {
+  const bank = banks.get(g);
+  if (bank === undefined) throw new Error('enableSpatialMix: attach the adapter bank first');
+  bank.spatial = { levelOf, maps: new Map() };
+}
+
+function mixMap(g: Ops, spatial: SpatialMix, level: number): Value {
+  let map = spatial.maps.get(level);
+  if (map === undefined) {
+    map = g.input(LORA_MIX_MAP_INPUT(level), 'float32', ['batch', 'adapters', `level${level}_height`, `level${level}_width`]);
+    spatial.maps.set(level, map);
+  }
+  return map;
 }
 
 const banks = new WeakMap<Ops, BankState>();
@@ -51,7 +85,7 @@ const banks = new WeakMap<Ops, BankState>();
 /** Give the graph being built an adapter bank on the layers under `prefixes`. */
 export function attachAdapterBank(g: Ops, prefixes: readonly string[]): void {
   const mix = g.input(LORA_MIX_INPUT, 'float32', ['batch', 'adapters']);
-  banks.set(g, { prefixes, mix, layers: [] });
+  banks.set(g, { prefixes, mix, layers: [], inputs: new Map() });
 }
 
 /** The bank layers declared so far (all of them once the graph is built). */
@@ -64,40 +98,95 @@ function bankFor(g: Ops, module: string): BankState | undefined {
   return bank !== undefined && bank.prefixes.some((p) => module.startsWith(p)) ? bank : undefined;
 }
 
+function layerInputs(g: Ops, bank: BankState, layer: BankLayer): { down: Value; up: Value; owner: Value } {
+  const hit = bank.inputs.get(layer.module);
+  if (hit !== undefined) return hit;
+  const names = bankInputNames(layer.module);
+  const r = `${layer.module}.rank`;
+  const made =
+    layer.kind === 'linear'
+      ? {
+          down: g.input(names.down, 'float32', [layer.inFeatures, r]),
+          up: g.input(names.up, 'float32', [r, layer.outFeatures]),
+          owner: g.input(names.owner, 'int64', [r]),
+        }
+      : {
+          down: g.input(names.down, 'float32', [r, layer.inFeatures, layer.kernel, layer.kernel]),
+          up: g.input(names.up, 'float32', [layer.outFeatures, r, 1, 1]),
+          owner: g.input(names.owner, 'int64', [r]),
+        };
+  bank.inputs.set(layer.module, made);
+  bank.layers.push(layer);
+  return made;
+}
+
 /** The rank-expanded mix (B, R): mix[b, owner[j]]. */
 function expandedMix(g: Ops, bank: BankState, owner: Value): Value {
   return g.gather(bank.mix, owner, { dim: 1 });
 }
 
-/** Δy for a linear bank layer on x (B, …, in) of rank `inputRank` → (B, …, out), or undefined when not a bank layer. */
-export function linearDelta(g: Ops, module: string, x: Value, inFeatures: number, outFeatures: number, inputRank: number): Value | undefined {
+/**
+ * Δy for a linear bank layer on x (B, …, in) of rank `inputRank` → (B, …, out), or undefined when
+ * not a bank layer. `mix` overrides the per-batch mix (the region path's per-slot mix).
+ */
+export function linearDelta(g: Ops, module: string, x: Value, inFeatures: number, outFeatures: number, inputRank: number, mixOverride?: Value): Value | undefined {
   const bank = bankFor(g, module);
   if (bank === undefined) return undefined;
-  const names = bankInputNames(module);
-  const r = `${module}.rank`;
-  const down = g.input(names.down, 'float32', [inFeatures, r]);
-  const up = g.input(names.up, 'float32', [r, outFeatures]);
-  const owner = g.input(names.owner, 'int64', [r]);
-  bank.layers.push({ module, kind: 'linear', inFeatures, outFeatures, kernel: 1 });
+  const { down, up, owner } = layerInputs(g, bank, { module, kind: 'linear', inFeatures, outFeatures, kernel: 1 });
   const h = g.matmul(x, down); // (B, …, in) → (B, …, R)
-  const middle = Array.from({ length: inputRank - 2 }, (_, i) => i + 1);
-  const mix = expandedMix(g, bank, owner); // (B, R)
-  const weighted = g.mul(h, middle.length === 0 ? mix : g.unsqueeze(mix, middle)); // × (B, 1…, R)
+  const level = bank.spatial?.levelOf(module);
+  let weighted: Value;
+  if (mixOverride !== undefined) {
+    const middle = Array.from({ length: inputRank - 2 }, (_, i) => i + 1);
+    const mix = g.gather(mixOverride, owner, { dim: 1 });
+    weighted = g.mul(h, middle.length === 0 ? mix : g.unsqueeze(mix, middle));
+  } else if (bank.spatial !== undefined && level !== undefined && inputRank === 3) {
+    // Pixel tokens (B, N, ·) with N = h·w of this level: per-token strengths.
+    const perToken = g.gather(g.reshape(mixMap(g, bank.spatial, level), [0, 0, -1]), owner, { dim: 1 }); // (B, K, h·w) → (B, R, N)
+    weighted = g.mul(h, g.transpose(perToken, [0, 2, 1])); // × (B, N, R)
+  } else {
+    const middle = Array.from({ length: inputRank - 2 }, (_, i) => i + 1);
+    const mix = expandedMix(g, bank, owner); // (B, R)
+    weighted = g.mul(h, middle.length === 0 ? mix : g.unsqueeze(mix, middle)); // × (B, 1…, R)
+  }
   return g.matmul(weighted, up); // (B, …, R) → (B, …, out)
+}
+
+/**
+ * The bank delta of a time-embedding projection (x: (B, T) → (B, out)), as a value to add to the
+ * resnet's feature map: (B, out, 1, 1) with the per-batch mix, or (B, out, h, w) spread over the
+ * level's per-pixel map. Undefined when the module is not a bank layer.
+ */
+export function timeEmbeddingDelta(g: Ops, module: string, x: Value, inFeatures: number, outFeatures: number): Value | undefined {
+  const bank = bankFor(g, module);
+  if (bank === undefined) return undefined;
+  const level = bank.spatial?.levelOf(module);
+  if (bank.spatial === undefined || level === undefined) {
+    const flat = linearDelta(g, module, x, inFeatures, outFeatures, 2);
+    return flat === undefined ? undefined : g.unsqueeze(flat, [2, 3]);
+  }
+  const { down, up, owner } = layerInputs(g, bank, { module, kind: 'linear', inFeatures, outFeatures, kernel: 1 });
+  const map = mixMap(g, bank.spatial, level); // (B, K, h, w)
+  const h = g.unsqueeze(g.matmul(x, down), [1]); // (B, T)·(T, R) → (B, 1, R)
+  const perToken = g.transpose(g.gather(g.reshape(map, [0, 0, -1]), owner, { dim: 1 }), [0, 2, 1]); // (B, N, R)
+  const delta = g.matmul(g.mul(perToken, h), up); // (B, N, out)
+  // (B, N, out) → (B, out, N) → (B, out, h, w)
+  const spatialShape = g.concat([g.shape(delta, { end: 1 }), g.int64s([outFeatures]), g.shape(map, { start: 2 })], { dim: 0 });
+  return g.reshape(g.transpose(delta, [0, 2, 1]), spatialShape);
 }
 
 /** Δy for a conv bank layer on x (B, in, H, W) → (B, out, H', W'), or undefined when not a bank layer. */
 export function convDelta(g: Ops, module: string, x: Value, inChannels: number, outChannels: number, kernel: number, stride: number, padding: Padding2d): Value | undefined {
   const bank = bankFor(g, module);
   if (bank === undefined) return undefined;
-  const names = bankInputNames(module);
-  const r = `${module}.rank`;
-  const down = g.input(names.down, 'float32', [r, inChannels, kernel, kernel]);
-  const up = g.input(names.up, 'float32', [outChannels, r, 1, 1]);
-  const owner = g.input(names.owner, 'int64', [r]);
-  bank.layers.push({ module, kind: 'conv', inFeatures: inChannels, outFeatures: outChannels, kernel });
+  const { down, up, owner } = layerInputs(g, bank, { module, kind: 'conv', inFeatures: inChannels, outFeatures: outChannels, kernel });
   const h = g.conv2d(x, down, undefined, { stride, padding }); // (B, R, H', W')
-  const weighted = g.mul(h, g.unsqueeze(expandedMix(g, bank, owner), [2, 3])); // × (B, R, 1, 1)
+  const level = bank.spatial?.levelOf(module);
+  const scale =
+    bank.spatial !== undefined && level !== undefined
+      ? g.gather(mixMap(g, bank.spatial, level), owner, { dim: 1 }) // (B, K, H', W') → (B, R, H', W')
+      : g.unsqueeze(expandedMix(g, bank, owner), [2, 3]); // (B, R, 1, 1)
+  const weighted = g.mul(h, scale);
   return g.conv2d(weighted, up, undefined, {}); // (B, out, H', W')
 }
 

@@ -9,6 +9,7 @@
 import type { Value } from '../onnx/builder.ts';
 import type { Ops } from '../onnx/ops.ts';
 import { conv2d, groupNorm, linear } from './layers.ts';
+import { timeEmbeddingDelta } from './adapter-bank.ts';
 
 /** Receives the attention probabilities of a module that was asked for. */
 export type AttentionProbsTap = (probs: Value) => void;
@@ -22,6 +23,23 @@ export interface AttentionOptions {
   /** Bias on to_q/to_k/to_v (`bias=` in diffusers; false in the UNet, true in the VAE). */
   readonly qkvBias: boolean;
   readonly tap?: AttentionProbsTap;
+  /** Region routing of a cross-attention (Mix-of-Show regionally controllable sampling). */
+  readonly regions?: RegionRouting;
+}
+
+/**
+ * Region slots for a cross-attention layer: R extra text contexts, each attended by every query,
+ * and a 0/1 mask per slot on this layer's grid. The layer's output before `to_out` becomes, per
+ * pixel q with count(q) = Σ_r m_r(q): the global output where count(q) = 0, else
+ * Σ_r m_r(q)·O_r(q) / count(q) (Gu et al. 2023, Mix-of-Show; methods.md 4.2).
+ */
+export interface RegionRouting {
+  /** (B, R, S_r, kvDim) */
+  readonly context: Value;
+  /** (B, R, h, w) on this layer's grid. */
+  readonly mask: Value;
+  /** (B·R, K) adapter mix of each slot's k/v projections, when an adapter bank is present. */
+  readonly mix?: Value;
 }
 
 /**
@@ -47,8 +65,30 @@ export function attention(g: Ops, x: Value, context: Value | undefined, o: Atten
     // (B, h, N, M) → (B·h, N, M)
     o.tap(g.reshape(probs, g.concat([g.int64s([-1]), g.shape(probs, { start: 2 })], { dim: 0 })));
   }
-  const out = g.reshape(g.transpose(g.matmul(probs, vh), [0, 2, 1, 3]), [0, 0, inner]); // (B, h, N, d) → (B, N, h·d)
+  let out = g.reshape(g.transpose(g.matmul(probs, vh), [0, 2, 1, 3]), [0, 0, inner]); // (B, h, N, d) → (B, N, h·d)
+  if (o.regions !== undefined) out = routeRegions(g, out, qh, o, inner);
   return g.scope('to_out', () => linear(g, '0', out, inner, o.queryDim, { bias: true }));
+}
+
+/** The region slots' attention outputs composed into the global one (see `RegionRouting`). */
+function routeRegions(g: Ops, global: Value, qh: Value, o: AttentionOptions, inner: number): Value {
+  const r = o.regions!;
+  const lead = g.shape(r.context, { end: 2 }); // [B, R]
+  const flat = g.reshape(r.context, g.concat([g.int64s([-1]), g.shape(r.context, { start: 2 })], { dim: 0 })); // (B·R, S, D)
+  const mixOption = r.mix === undefined ? {} : { mix: r.mix };
+  const k = linear(g, 'to_k', flat, o.kvDim, inner, { bias: o.qkvBias, ...mixOption });
+  const v = linear(g, 'to_v', flat, o.kvDim, inner, { bias: o.qkvBias, ...mixOption });
+  const split = g.concat([lead, g.int64s([-1, o.heads, o.dimHead])], { dim: 0 });
+  const kt = g.transpose(g.reshape(k, split), [0, 1, 3, 4, 2]); // (B·R, S, h·d) → (B, R, h, d, S)
+  const vh = g.transpose(g.reshape(v, split), [0, 1, 3, 2, 4]); // → (B, R, h, S, d)
+  const scores = g.mul(g.matmul(g.unsqueeze(qh, [1]), kt), g.scalar(o.dimHead ** -0.5)); // (B, 1, h, N, d)·(B, R, h, d, S) → (B, R, h, N, S)
+  const slots = g.matmul(g.softmax(scores, { dim: -1 }), vh); // (B, R, h, N, d)
+  const perSlot = g.reshape(g.transpose(slots, [0, 1, 3, 2, 4]), [0, 0, 0, inner]); // (B, R, N, h·d)
+  const mask = g.unsqueeze(g.reshape(r.mask, [0, 0, -1]), [3]); // (B, R, h, w) → (B, R, N, 1)
+  const summed = g.reduceSum(g.mul(perSlot, mask), { dims: [1], keepdim: false }); // (B, N, h·d)
+  const count = g.reduceSum(mask, { dims: [1], keepdim: false }); // (B, N, 1)
+  const outside = g.sub(g.scalar(1), g.min(count, g.scalar(1)));
+  return g.add(g.mul(global, outside), g.div(summed, g.max(count, g.scalar(1))));
 }
 
 export interface ResnetOptions {
@@ -71,8 +111,12 @@ export function resnetBlock2D(g: Ops, x: Value, temb: Value | undefined, o: Resn
   let h = g.silu(groupNorm(g, 'norm1', x, o.inChannels, { groups: o.groups, eps: o.eps }));
   h = conv2d(g, 'conv1', h, o.inChannels, o.outChannels, { kernel: 3, padding: 1 });
   if (temb !== undefined && o.tembChannels !== undefined) {
-    const t = linear(g, 'time_emb_proj', g.silu(temb), o.tembChannels, o.outChannels, { bias: true, inputRank: 2 });
+    const act = g.silu(temb);
+    const t = linear(g, 'time_emb_proj', act, o.tembChannels, o.outChannels, { bias: true, inputRank: 2, bank: false });
     h = g.add(h, g.unsqueeze(t, [2, 3])); // (B, out) → (B, out, 1, 1)
+    // A LoRA on time_emb_proj: (B, out, 1, 1), or (B, out, h, w) with per-pixel strengths.
+    const delta = g.scope('time_emb_proj', () => timeEmbeddingDelta(g, g.scopePath, act, o.tembChannels!, o.outChannels));
+    if (delta !== undefined) h = g.add(h, delta);
   }
   h = g.silu(groupNorm(g, 'norm2', h, o.outChannels, { groups: o.groups, eps: o.eps }));
   h = conv2d(g, 'conv2', h, o.outChannels, o.outChannels, { kernel: 3, padding: 1 });

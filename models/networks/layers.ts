@@ -11,12 +11,12 @@ import { convDelta, linearDelta } from './adapter-bank.ts';
  * `nn.Linear(inFeatures, outFeatures, bias)`; weight [out, in]. (B, …, in) → (B, …, out).
  * `inputRank` (default 3: tokens (B, N, C)) tells an adapter bank how to broadcast its per-batch mix.
  */
-export function linear(g: Ops, name: string, x: Value, inFeatures: number, outFeatures: number, options: { bias: boolean; inputRank?: number }): Value {
+export function linear(g: Ops, name: string, x: Value, inFeatures: number, outFeatures: number, options: { bias: boolean; inputRank?: number; bank?: boolean; mix?: Value }): Value {
   return g.scope(name, () => {
     const wT = g.param('weight', [inFeatures, outFeatures], 'float32', { transposed: true }); // stored [out, in]
     const b = options.bias ? g.param('bias', [outFeatures]) : undefined;
     const y = g.linear(x, wT, b);
-    const delta = linearDelta(g, g.scopePath, x, inFeatures, outFeatures, options.inputRank ?? 3);
+    const delta = options.bank === false ? undefined : linearDelta(g, g.scopePath, x, inFeatures, outFeatures, options.inputRank ?? 3, options.mix);
     return delta === undefined ? y : g.add(y, delta);
   });
 }

@@ -17,7 +17,7 @@ import type { Graph, Value } from '../onnx/builder.ts';
 import { Ops } from '../onnx/ops.ts';
 import { ModelError } from '../errors.ts';
 import { attention, resnetBlock2D } from './blocks.ts';
-import { attachAdapterBank } from './adapter-bank.ts';
+import { attachAdapterBank, enableSpatialMix } from './adapter-bank.ts';
 import { conv2d, groupNorm, layerNorm, linear } from './layers.ts';
 import type { UnetConfig } from './config.ts';
 
@@ -49,6 +49,32 @@ export interface UnetBuildOptions {
    * inputs, it reproduces that full pass.
    */
   readonly shallow?: boolean;
+  /**
+   * Region slots (Mix-of-Show regionally controllable sampling): inputs `region_context`
+   * (B, R, S_r, D), `region_mask.<l>` (B, R, h_l, w_l) per level l (level 0 = the latent grid, each
+   * deeper level ⌈h/2⌉ × ⌈w/2⌉), and with the adapter bank `region_lora_mix` (B, R, K) for the
+   * slots' cross-attention k/v plus per-pixel strengths `lora_mix_map.<l>` (B, K, h_l, w_l) for
+   * every layer acting on pixels. Every cross-attention routes its output by the masks.
+   */
+  readonly regions?: boolean;
+}
+
+export const REGION_CONTEXT_INPUT = 'region_context';
+export const REGION_LORA_MIX_INPUT = 'region_lora_mix';
+export const REGION_MASK_INPUT = (level: number): string => `region_mask.${level}`;
+
+/**
+ * The UNet level a bank module's output lives on (0 = the latent grid), or undefined for layers
+ * that do not act on pixels (cross-attention k/v act on text tokens).
+ */
+export function unetLevelOf(module: string, levels: number): number | undefined {
+  if (/\.attn2\.to_[kv]$/.test(module)) return undefined;
+  const down = /^down_blocks\.(\d+)\./.exec(module);
+  if (down !== null) return Number(down[1]) + (module.includes('.downsamplers.') ? 1 : 0);
+  if (module.startsWith('mid_block.')) return levels - 1;
+  const up = /^up_blocks\.(\d+)\./.exec(module);
+  if (up !== null) return levels - 1 - Number(up[1]) - (module.includes('.upsamplers.') ? 1 : 0);
+  return undefined;
 }
 
 /** Where the UNet's bank layers live: everything kohya LoRA/LoCon targets. */
@@ -62,6 +88,7 @@ interface Ctx {
   readonly context: Value;
   readonly taps: Map<string, Value>;
   readonly wanted: ReadonlySet<string>;
+  readonly regions?: { readonly context: Value; readonly masks: readonly Value[]; readonly mix?: Value };
 }
 
 /** float32 arithmetic as torch does it for the frequency table. */
@@ -124,7 +151,14 @@ function basicTransformerBlock(ctx: Ctx, x: Value, dim: number, heads: number, c
   );
   h = g.add(a1, h);
   const n2 = layerNorm(g, 'norm2', h, dim, { eps: TRANSFORMER_LAYER_NORM_EPS });
-  const a2 = g.scope('attn2', () => attention(g, n2, ctx.context, { queryDim: dim, kvDim: crossDim, heads, dimHead, qkvBias: false, tap: tap2 }));
+  const level = unetLevelOf(g.scopePath + '.', ctx.c.blockOutChannels.length);
+  const regions =
+    ctx.regions === undefined || level === undefined
+      ? undefined
+      : { context: ctx.regions.context, mask: ctx.regions.masks[level]!, ...(ctx.regions.mix === undefined ? {} : { mix: ctx.regions.mix }) };
+  const a2 = g.scope('attn2', () =>
+    attention(g, n2, ctx.context, { queryDim: dim, kvDim: crossDim, heads, dimHead, qkvBias: false, tap: tap2, ...(regions === undefined ? {} : { regions }) }),
+  );
   h = g.add(a2, h);
   const n3 = layerNorm(g, 'norm3', h, dim, { eps: TRANSFORMER_LAYER_NORM_EPS });
   return g.add(g.scope('ff', () => feedForward(g, n3, dim)), h);
@@ -262,6 +296,7 @@ export function buildUnetGraph(config: UnetConfig, options: UnetBuildOptions = {
   const g = new Ops('unet');
   const c = config;
   if (options.adapterBank === true) attachAdapterBank(g, UNET_BANK_PREFIXES);
+  if (options.regions === true && options.adapterBank === true) enableSpatialMix(g, (module) => unetLevelOf(module, c.blockOutChannels.length));
   const crossDim = c.crossAttentionDim[0]!;
   if (!c.crossAttentionDim.every((d) => d === crossDim)) {
     throw new ModelError('UNSUPPORTED_ARCHITECTURE', `per-block cross_attention_dim ${JSON.stringify(c.crossAttentionDim)} is not supported (one text-embedding width expected)`);
@@ -282,7 +317,17 @@ export function buildUnetGraph(config: UnetConfig, options: UnetBuildOptions = {
   debug('time_embedding', temb);
 
   const wanted = new Set(options.attentionProbs ?? []);
-  const ctx: Ctx = { g, c, temb, tembChannels, context, taps: new Map(), wanted };
+  let regions: Ctx['regions'];
+  if (options.regions === true) {
+    const regionContext = g.input(REGION_CONTEXT_INPUT, 'float32', ['batch', 'regions', 'region_sequence', crossDim]);
+    const masks = c.blockOutChannels.map((_, l) => g.input(REGION_MASK_INPUT(l), 'float32', ['batch', 'regions', `level${l}_height`, `level${l}_width`]));
+    const mix =
+      options.adapterBank === true
+        ? g.reshape(g.input(REGION_LORA_MIX_INPUT, 'float32', ['batch', 'regions', 'adapters']), [-1, 0]) // (B, R, K) → (B·R, K)
+        : undefined;
+    regions = { context: regionContext, masks, ...(mix === undefined ? {} : { mix }) };
+  }
+  const ctx: Ctx = { g, c, temb, tembChannels, context, taps: new Map(), wanted, ...(regions === undefined ? {} : { regions }) };
 
   // 2. conv_in; its output is the first skip.
   let h = conv2d(g, 'conv_in', sample, c.inChannels, c0, { kernel: 3, padding: 1 });

@@ -75,6 +75,12 @@ export class Ops extends GraphBuilder {
   clamp(x: Value, options: { min: number; max: number }): Value {
     return this.#one('Clip', [x, this.scalar(options.min), this.scalar(options.max)]);
   }
+  max(a: Value, b: Value): Value {
+    return this.#one('Max', [a, b]);
+  }
+  min(a: Value, b: Value): Value {
+    return this.#one('Min', [a, b]);
+  }
   cast(x: Value, to: DType): Value {
     return this.#one('Cast', [x], { to: attr.int(ONNX_DTYPE[to]) });
   }
@@ -177,6 +183,10 @@ export class Ops extends GraphBuilder {
   }
   gather(x: Value, indices: Value, options: { dim: number }): Value {
     return this.#one('Gather', [x, indices], { axis: attr.int(options.dim) });
+  }
+  /** `x.sum(dims, keepdim)`; ReduceSum takes axes as an input since opset 13. */
+  reduceSum(x: Value, options: { dims: readonly number[]; keepdim: boolean }): Value {
+    return this.#one('ReduceSum', [x, this.int64s(options.dims)], { keepdims: attr.int(options.keepdim ? 1 : 0) });
   }
   reduceMean(x: Value, options: { dims: readonly number[]; keepdim: boolean }): Value {
     // ReduceMean takes axes as an attribute up to opset 17 (an input from 18).
