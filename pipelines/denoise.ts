@@ -11,11 +11,11 @@
  *     5. x ← scheduler.step(ε, i, x [, noise_i])        noise_i drawn only by ancestral schedulers
  *     6. report progress (and honour cancellation)
  */
-import type { AdapterStack, AdapterUse, Tensor } from '../models/index.ts';
+import type { AdapterStack, AdapterUse, RegionInputs, Tensor } from '../models/index.ts';
 import { PipelineError } from './errors.ts';
 import type { DenoiserModel } from './models.ts';
 import type { Scheduler } from './schedulers/types.ts';
-import type { Branch, BranchOutput, StepContext, Strategy } from './strategies/types.ts';
+import type { Branch, BranchOutput, BranchRegions, StepContext, Strategy } from './strategies/types.ts';
 
 export interface DenoiseProgress {
   readonly evaluation: number;
@@ -49,25 +49,50 @@ export interface DenoiseRun<S> {
   readonly onProgress?: (p: DenoiseProgress) => void;
 }
 
+/** A branch context for the whole batch: (1, S, D) repeated B times, or (B, S, D) as given (one per image). */
 function repeatContext(context: Tensor<'float32'>, times: number): Tensor<'float32'> {
-  const [, seq, dim] = context.shape as [number, number, number];
+  const [rows, seq, dim] = context.shape as [number, number, number];
+  if (rows === times) return context;
+  if (rows !== 1) throw new Error(`denoise: a branch context has ${rows} rows; expected 1 or the batch size ${times}`);
   const data = new Float32Array(times * seq * dim);
   for (let i = 0; i < times; i++) data.set(context.data, i * seq * dim);
   return { dtype: 'float32', shape: [times, seq, dim], data };
 }
 
-/** The adapters of one denoiser call: each branch's mix row, repeated for every image. */
+/** Stack per-branch tensors (leading dim 1) into one, each repeated for every image of the batch. */
+function stackRepeated(parts: readonly Tensor<'float32'>[], batch: number): Tensor<'float32'> {
+  const per = parts[0]!.data.length;
+  const data = new Float32Array(parts.length * batch * per);
+  parts.forEach((p, k) => {
+    for (let i = 0; i < batch; i++) data.set(p.data, (k * batch + i) * per);
+  });
+  return { dtype: 'float32', shape: [parts.length * batch, ...parts[0]!.shape.slice(1)], data };
+}
+
+/** The region inputs of one call: each branch's slots, repeated for every image. */
+function stackRegions(parts: readonly BranchRegions[], batch: number): RegionInputs {
+  const first = parts[0]!;
+  return {
+    context: stackRepeated(parts.map((p) => p.context), batch),
+    masks: first.masks.map((_, l) => stackRepeated(parts.map((p) => p.masks[l]!), batch)),
+    ...(first.mix === undefined ? {} : { mix: stackRepeated(parts.map((p) => p.mix!), batch) }),
+    ...(first.mixMaps === undefined ? {} : { mixMaps: first.mixMaps.map((_, l) => stackRepeated(parts.map((p) => p.mixMaps![l]!), batch)) }),
+  };
+}
+
+/** The adapters of one denoiser call: each branch's mix row repeated for every image, or its per-image rows. */
 function callAdapters(adapters: DenoiseRun<unknown>['adapters'], branches: readonly Branch[], batch: number): AdapterUse | undefined {
   if (adapters === undefined || adapters.stack.size === 0) return undefined;
   const { stack, mode } = adapters;
   const defaults = stack.strengths('unet');
   if (mode === 'merged') {
-    if (branches.some((b) => b.mix !== undefined && b.mix.some((m, k) => m !== defaults[k]))) {
+    const rows = branches.flatMap((b) => [...(b.mix === undefined ? [] : [b.mix]), ...(b.imageMixes ?? [])]);
+    if (rows.some((row) => row.some((m, k) => m !== defaults[k]))) {
       throw new PipelineError('BAD_ARGUMENT', 'this strategy mixes LoRAs per branch, which needs the adapter bank; the merged-weights mode bakes one fixed stack.', { mode });
     }
     return { mode, stack };
   }
-  return { mode, stack, mix: branches.flatMap((b) => Array.from({ length: batch }, () => b.mix ?? defaults)) };
+  return { mode, stack, mix: branches.flatMap((b) => Array.from({ length: batch }, (_, i) => b.imageMixes?.[i] ?? b.mix ?? defaults)) };
 }
 
 /**
@@ -89,7 +114,8 @@ async function runBranches(
   const outputs = new Array<BranchOutput>(branches.length);
   const groups = new Map<string, number[]>();
   branches.forEach((b, i) => {
-    const key = `${b.context.shape[1]}|${b.deepFeature !== undefined ? 'shallow' : b.keepDeepFeature === true ? 'full+feature' : 'full'}`;
+    const pass = b.regions !== undefined ? `regions${b.regions.context.shape[2]}` : b.deepFeature !== undefined ? 'shallow' : b.keepDeepFeature === true ? 'full+feature' : 'full';
+    const key = `${b.context.shape[1]}|${pass}`;
     groups.set(key, [...(groups.get(key) ?? []), i]);
   });
   const branchesPerCall = Math.max(1, Math.floor(maxBatch / batch));
@@ -110,6 +136,7 @@ async function runBranches(
         call.forEach(({ b }, k) => data.set(b.deepFeature!, k * batch * featurePer));
         deepFeature = { dtype: 'float32', shape: [call.length * batch, featurePer / (rest[1]! * rest[2]!), rest[1]!, rest[2]!], data };
       }
+      const regions = call[0]!.b.regions === undefined ? undefined : stackRegions(call.map(({ b }) => b.regions!), batch);
       const result = await denoiser.predict({
         sample: { dtype: 'float32', shape: [call.length * batch, ...rest], data: sample },
         timestep,
@@ -120,6 +147,7 @@ async function runBranches(
         })(),
         ...(deepFeature === undefined ? {} : { deepFeature }),
         ...(call[0]!.b.keepDeepFeature === true ? { wantDeepFeature: true } : {}),
+        ...(regions === undefined ? {} : { regions }),
       });
       call.forEach(({ i }, k) => {
         const eps = result.noisePred.data.slice(k * batch * per, (k + 1) * batch * per);

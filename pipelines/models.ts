@@ -6,7 +6,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { PipelineError } from './errors.ts';
-import { ClipTokenizer, resolveLoraName, scanLoraFolders, type AdapterUse, type LoadedLora, type LoraLibraryEntry, type Sd15Engine, type Tensor } from '../models/index.ts';
+import { ClipTokenizer, resolveLoraName, scanLoraFolders, type AdapterUse, type LoadedLora, type LoraLibraryEntry, type RegionInputs, type Sd15Engine, type Tensor } from '../models/index.ts';
 
 /** What prompt processing needs from the tokenizer. */
 export interface PromptTokenizer {
@@ -40,6 +40,8 @@ export interface DenoiseRequest {
   readonly deepFeature?: Tensor<'float32'>;
   /** Return the deep feature of this (full) pass for a later shallow pass. */
   readonly wantDeepFeature?: boolean;
+  /** Region slots (the regions UNet variant). */
+  readonly regions?: RegionInputs;
 }
 
 export interface DenoiseResult {
@@ -80,6 +82,8 @@ export interface SdModels {
   readonly latentChannels: number;
   /** Pixels per latent cell (8 for SD). */
   readonly vaeScale: number;
+  /** UNet levels (resolutions): 4 for SD 1.5. */
+  readonly unetLevels: number;
   readonly schedulerConfig: Readonly<Record<string, unknown>>;
   readonly loras: LoraProvider;
   /** Where pipelines may cache derived data (e.g. CMLoRA frequency scores). */
@@ -150,15 +154,16 @@ export function engineModels(engine: Sd15Engine, options: { loraDirs?: readonly 
       },
     },
     denoiser: {
-      async predict({ sample, timestep, context, adapters, deepFeature, wantDeepFeature }) {
+      async predict({ sample, timestep, context, adapters, deepFeature, wantDeepFeature, regions }) {
         const out = await engine.runUnet(
           {
             sample,
             timestep: { dtype: 'float32', shape: [1], data: new Float32Array([timestep]) },
             encoderHiddenStates: context,
             ...(deepFeature === undefined ? {} : { deepFeature }),
+            ...(regions === undefined ? {} : { regions }),
           },
-          deepFeature !== undefined ? { shallow: true } : wantDeepFeature === true ? { deepFeature: true } : {},
+          regions !== undefined ? { regions: true } : deepFeature !== undefined ? { shallow: true } : wantDeepFeature === true ? { deepFeature: true } : {},
           adapters,
         );
         return { noisePred: out.noise_pred!, ...(out.deep_feature === undefined ? {} : { deepFeature: out.deep_feature }) };
@@ -171,6 +176,7 @@ export function engineModels(engine: Sd15Engine, options: { loraDirs?: readonly 
     },
     latentChannels: engine.model.unet.inChannels,
     vaeScale: vaeScaleOf(engine.model.vae.blockOutChannels.length),
+    unetLevels: engine.model.unet.blockOutChannels.length,
     schedulerConfig: engine.model.schedulerConfig,
     loras: libraryLoraProvider(engine, options.loraDirs ?? []),
     cacheDir: engine.cacheDir,

@@ -17,6 +17,8 @@ import { createGenerator, type NoiseGenerator } from './rng/index.ts';
 import { createScheduler, parseSchedulerConfig, resolveSampler, type InfotextSampler } from './schedulers/index.ts';
 import { createStrategy, needsAdapterBank, textEncoderMix, type StrategySpec } from './strategies/index.ts';
 import { measureFrequencyClasses } from './frequency-probe.ts';
+import { levelSizes, pixelStrengths, regionMasks } from './regions.ts';
+import { regionsStrategy, type RegionsPlan } from './strategies/regions.ts';
 
 export interface GeneratedImage {
   /** Index in the run (0…batchSize·batchCount−1). */
@@ -79,22 +81,71 @@ export function lorasFromTags(networks: readonly ExtraNetworkTag[]): JobLora[] {
  * Resolve and load the job's LoRAs (job list first, then prompt tags). The same file named twice
  * is applied once with the strengths added, which is what applying it twice does to the weights.
  */
-export async function loadJobLoras(refs: readonly JobLora[], models: SdModels): Promise<{ stack: AdapterStack; applied: AppliedLora[]; needsMerged: boolean }> {
+export async function loadJobLoras(
+  refs: readonly JobLora[],
+  models: SdModels,
+  regionRefs: readonly (JobLora | undefined)[] = [],
+): Promise<{ stack: AdapterStack; applied: AppliedLora[]; needsMerged: boolean; regionStrengths: Array<{ te: number[]; unet: number[] }> }> {
   const byPath = new Map<string, AppliedLora & { modules: ReturnType<SdModels['loras']['load']>['modules']; merged: boolean }>();
-  for (const ref of refs) {
+  const indexOf = async (ref: JobLora): Promise<string> => {
     const file = await models.loras.resolve(ref.name);
-    const seen = byPath.get(file.path);
-    if (seen !== undefined) {
-      byPath.set(file.path, { ...seen, te: seen.te + ref.te, unet: seen.unet + ref.unet });
-      continue;
+    if (!byPath.has(file.path)) {
+      const lora = models.loras.load(file.path);
+      byPath.set(file.path, { name: file.name, path: file.path, shortHash: file.shortHash, te: 0, unet: 0, coverage: lora.coverage, modules: lora.modules, merged: lora.needsMergedWeights });
     }
-    const lora = models.loras.load(file.path);
-    byPath.set(file.path, { name: file.name, path: file.path, shortHash: file.shortHash, te: ref.te, unet: ref.unet, coverage: lora.coverage, modules: lora.modules, merged: lora.needsMergedWeights });
+    return file.path;
+  };
+  for (const ref of refs) {
+    const key = await indexOf(ref);
+    const seen = byPath.get(key)!;
+    byPath.set(key, { ...seen, te: seen.te + ref.te, unet: seen.unet + ref.unet });
   }
+  const regionPaths: Array<{ path: string; ref: JobLora } | undefined> = [];
+  for (const ref of regionRefs) regionPaths.push(ref === undefined ? undefined : { path: await indexOf(ref), ref });
   const entries = [...byPath.values()];
+  const keys = [...byPath.keys()];
   const stack = new AdapterStack(entries.map((e) => ({ path: e.path, name: e.name, modules: e.modules, te: e.te, unet: e.unet })));
   const applied = entries.map(({ name, path, shortHash, te, unet, coverage }) => ({ name, path, shortHash, te, unet, coverage }));
-  return { stack, applied, needsMerged: entries.some((e) => e.merged) };
+  const regionStrengths = regionPaths.map((rp) => ({
+    te: keys.map((k) => (rp !== undefined && rp.path === k ? rp.ref.te : 0)),
+    unet: keys.map((k) => (rp !== undefined && rp.path === k ? rp.ref.unet : 0)),
+  }));
+  return { stack, applied, needsMerged: entries.some((e) => e.merged), regionStrengths };
+}
+
+/**
+ * The regions strategy's inputs: each region's prompt and negative encoded with its own LoRA's
+ * text-encoder delta (on top of the global LoRAs), masks on every UNet level, and with LoRAs the
+ * slots' k/v strengths and the per-pixel strengths.
+ */
+async function planRegions(
+  job: GenerateJob,
+  models: SdModels,
+  options: ConditioningOptions,
+  stack: AdapterStack,
+  strengths: { global: { te: number[]; unet: number[] }; regions: Array<{ te: number[]; unet: number[] }> } | undefined,
+): Promise<RegionsPlan> {
+  if (job.regions.length === 0) {
+    throw new PipelineError('BAD_ARGUMENT', 'the regions strategy needs at least one region (a box or a painted mask with a prompt).', { field: 'regions' });
+  }
+  const te = (row: number[] | undefined): AdapterUse | undefined => (strengths === undefined || row === undefined ? undefined : { mode: 'bank', stack, mix: [row] });
+  const add = (a: readonly number[], b: readonly number[]) => a.map((v, k) => v + b[k]!);
+  const regions = await Promise.all(
+    job.regions.map(async (r, i) => {
+      const row = strengths === undefined ? undefined : add(strengths.global.te, strengths.regions[i]!.te);
+      const enc = await encodePrompts(extractExtraNetworks(r.prompt).prompt, extractExtraNetworks(r.negativePrompt ?? job.negativePrompt).prompt, job.steps, models.textEncoder, options, te(row));
+      if (enc.positive.length !== 1) throw new PipelineError('BAD_PROMPT', `regions[${i}].prompt: AND sub-prompts are not supported in a region.`, { field: `regions[${i}].prompt` });
+      return { positive: enc.positive[0]!.schedule, negative: enc.negative };
+    }),
+  );
+  const padChunk = (await encodePrompts('', '', job.steps, models.textEncoder, options, te(strengths?.global.te))).negative[0]!.embedding;
+  const sizes = levelSizes(job.height / models.vaeScale, job.width / models.vaeScale, models.unetLevels);
+  const masks = await regionMasks(job.regions, job.width, job.height, sizes);
+  if (strengths === undefined) return { regions, masks, padChunk };
+  const K = stack.size;
+  const perRegion = strengths.regions.map((r) => r.unet);
+  const slotMix: Tensor<'float32'> = { dtype: 'float32', shape: [1, job.regions.length, K], data: Float32Array.from(perRegion.flatMap((row) => add(strengths.global.unet, row))) };
+  return { regions, masks, padChunk, adapters: { slotMix, mixMaps: pixelStrengths(masks, strengths.global.unet, perRegion), global: strengths.global.unet } };
 }
 
 /** Run a normalized job on the given models. */
@@ -106,7 +157,9 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
   // 2. LoRAs (job list and prompt tags), then the prompts, encoded with the LoRAs' text-encoder part.
   const positive = extractExtraNetworks(job.prompt);
   const negative = extractExtraNetworks(job.negativePrompt);
-  const { stack, applied, needsMerged } = await loadJobLoras([...job.loras, ...lorasFromTags(positive.networks)], models);
+  const regionJob = job.strategy.name === 'regions';
+  const regionLoras = regionJob ? job.regions.map((r) => r.lora) : [];
+  const { stack, applied, needsMerged, regionStrengths } = await loadJobLoras([...job.loras, ...lorasFromTags(positive.networks)], models, regionLoras);
   if (needsMerged && job.loraMode === 'bank') {
     throw new PipelineError('BAD_ARGUMENT', `${applied.map((a) => a.name).join(', ')}: a LoRA in this stack is not low-rank (LoKr or a full diff) and cannot run as bank inputs; use loraMode "merged" or "auto".`, { field: 'loraMode' });
   }
@@ -126,6 +179,9 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
   const teAdapters: AdapterUse | undefined = mode === 'none' ? undefined : mode === 'merged' ? { mode, stack } : { mode, stack, mix: [teMix] };
   const conditioningOptions: ConditioningOptions = { clipSkip: job.clipSkip, emphasis: job.emphasis, commaPaddingBacktrack: 20 };
   const conditioning = await encodePrompts(positive.prompt, negative.prompt, job.steps, models.textEncoder, conditioningOptions, teAdapters);
+  const regionsPlan = regionJob
+    ? await planRegions(job, models, conditioningOptions, stack, mode === 'bank' ? { global: { te: teMix, unet: stack.strengths('unet') }, regions: regionStrengths } : undefined)
+    : undefined;
 
   // 3. batches.
   const c = models.latentChannels;
@@ -154,7 +210,10 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
     const scheduler = createScheduler(choice.kind, schedulerConfig, job.steps, choice.options);
     const finalLatents = await denoise({
       scheduler,
-      strategy: createStrategy(strategy, { conditioning, guidanceScale: job.cfgScale, stack, steps: job.steps }, [job.batchSize, c, h, w]),
+      strategy:
+        regionsPlan === undefined
+          ? createStrategy(strategy, { conditioning, guidanceScale: job.cfgScale, stack, steps: job.steps }, [job.batchSize, c, h, w])
+          : regionsStrategy.create({ conditioning, guidanceScale: job.cfgScale, stack, steps: job.steps }, regionsPlan),
       denoiser: models.denoiser,
       initialNoise,
       shape: [job.batchSize, c, h, w],

@@ -83,7 +83,7 @@ export function createStrategy(spec: StrategySpec, setup: StrategySetup, latentS
       return cmloraStrategy.create(setup, knobs, latentShape) as Strategy<unknown>;
     }
     case 'regions':
-      throw new PipelineError('BAD_ARGUMENT', 'the regions strategy is not available yet.', { field: 'strategy' });
+      throw new Error('createStrategy: the regions strategy is built by text-to-image with its region plan');
   }
 }
 

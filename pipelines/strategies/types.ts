@@ -7,6 +7,18 @@
  */
 import type { Tensor } from '../../models/index.ts';
 
+/** Region slots of a branch (one image; the loop repeats them for every image of the batch). */
+export interface BranchRegions {
+  /** (1, R, S_r, D) */
+  readonly context: Tensor<'float32'>;
+  /** Per UNet level: (1, R, h_l, w_l), 0/1. */
+  readonly masks: readonly Tensor<'float32'>[];
+  /** (1, R, K) slot adapter strengths (with LoRAs). */
+  readonly mix?: Tensor<'float32'>;
+  /** Per level: (1, K, h_l, w_l) per-pixel adapter strengths (with LoRAs). */
+  readonly mixMaps?: readonly Tensor<'float32'>[];
+}
+
 export interface StepContext {
   /** Model evaluation index (0…evaluations−1); schedulers with repeats evaluate more than once per step. */
   readonly evaluation: number;
@@ -20,19 +32,26 @@ export interface StepContext {
   readonly latents: Float32Array;
 }
 
-/** One denoiser branch: every image of the batch is evaluated with this text context. */
+/**
+ * One denoiser branch: every image of the batch is evaluated with this text context and mix. A batch
+ * of different jobs (`jobs/batched.ts`) gives each image its own context and mix row instead.
+ */
 export interface Branch {
-  /** (1, 77·k, D) text conditioning. */
+  /** (1, 77·k, D) text conditioning for every image, or (B, 77·k, D): one context per image. */
   readonly context: Tensor<'float32'>;
   /**
    * UNet strength of each adapter of the run's stack for this branch (the adapter-bank mix row).
    * Default: the stack's own strengths (all LoRAs merged, as A1111 applies a stack).
    */
   readonly mix?: readonly number[];
+  /** One mix row per image (B rows), for a batch of different jobs; takes precedence over `mix`. */
+  readonly imageMixes?: readonly (readonly number[])[];
   /** Run the shallow UNet on this cached deep feature (the batch's B images, flat) — CMLoRA. */
   readonly deepFeature?: Float32Array;
   /** Keep this (full) pass's deep feature: it comes back in the branch's output. */
   readonly keepDeepFeature?: boolean;
+  /** Region slots (the regions strategy). */
+  readonly regions?: BranchRegions;
 }
 
 /** What one branch produced for the whole batch. */
