@@ -15,18 +15,15 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import { AdapterStack, Sd15Engine, type AdapterUse, type LoadedLora, type Tensor } from '../models/index.ts';
-import { defaultBenchWorkDir, prepareRandomSd15Model, writeSafetensorsStreaming, type StreamedTensor } from './random-weights.ts';
+import { defaultBenchWorkDir, prepareRandomSd15Model } from './random-weights.ts';
+import { writeRandomLora, RANDOM_LORA_RANK as RANK } from './random-lora.ts';
 import { runConditions } from './run-conditions.ts';
 import { SeededRandom } from './seeded-random.ts';
 import { timingStats } from './timing-stats.ts';
-import { FIXTURES } from '../test/fixtures.ts';
 
-const RANK = 32;
 const BATCH = 2;
 const LATENT = 64;
 const CONTEXT = [BATCH, 77, 768];
-/** ΔW scale: up ~ U(±a) with a small so the LoRA changes the output by a few percent, like real ones. */
-const UP_AMPLITUDE = 0.01;
 
 const { values } = parseArgs({ options: { runs: { type: 'string', default: '3' }, warmup: { type: 'string', default: '1' }, threads: { type: 'string' } } });
 const runs = Number(values.runs);
@@ -34,29 +31,6 @@ const warmup = Number(values.warmup);
 const threads = values.threads === undefined ? os.cpus().length : Number(values.threads);
 const log = (line: string) => process.stderr.write(`[bench:lora] ${line}\n`);
 const emit = (record: Record<string, unknown>) => process.stdout.write(`${JSON.stringify({ ...runConditions(threads), ...record })}\n`);
-
-interface KohyaModule {
-  readonly kohya_name: string;
-  readonly 'lora_down.weight': number[];
-  readonly 'lora_up.weight': number[];
-}
-
-/** A kohya rank-32 LoRA over SD 1.5's UNet transformer modules (sd15-keys listing; the bench model's text encoder is the tiny one). */
-function writeRandomLora(file: string, seed: number): void {
-  if (fs.existsSync(file)) return;
-  const listing = JSON.parse(fs.readFileSync(path.join(FIXTURES, 'sd15-keys', 'kohya_lora_sd15.json'), 'utf-8')) as { unet_transformer: KohyaModule[]; text_encoder: KohyaModule[] };
-  const tensors: StreamedTensor[] = [];
-  for (const m of listing.unet_transformer) {
-    const rng = new SeededRandom(seed, m.kohya_name);
-    const down = m['lora_down.weight'];
-    const fanIn = down.slice(1).reduce((a, b) => a * b, 1);
-    tensors.push({ name: `${m.kohya_name}.lora_down.weight`, shape: down, fill: (c) => rng.fillUniform(c, Math.sqrt(3 / fanIn)) });
-    tensors.push({ name: `${m.kohya_name}.lora_up.weight`, shape: m['lora_up.weight'], fill: (c) => rng.fillUniform(c, UP_AMPLITUDE) });
-    tensors.push({ name: `${m.kohya_name}.alpha`, shape: [], fill: (c) => c.fill(RANK) });
-  }
-  tensors.sort((a, b) => (a.name < b.name ? -1 : 1));
-  writeSafetensorsStreaming(file, tensors, { ss_network_dim: String(RANK), ss_network_alpha: String(RANK) });
-}
 
 function randomTensor(seed: number, label: string, shape: number[]): Tensor<'float32'> {
   const data = new Float32Array(shape.reduce((a, b) => a * b, 1));

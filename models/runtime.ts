@@ -50,10 +50,20 @@ export function providerCandidates(device: Device, platform: NodeJS.Platform = p
 
 const ORT_TYPES: Partial<Record<DType, ort.Tensor.Type>> = { float32: 'float32', float16: 'float16', int64: 'int64', int32: 'int32', uint8: 'uint8', bool: 'bool' };
 
+/**
+ * ORT tensors for our tensors, kept as long as the tensor lives: inputs fed on every call (the
+ * adapter bank's hundreds of LoRA tensors) are wrapped once.
+ */
+const ortTensors = new WeakMap<Tensor, ort.Tensor>();
+
 function toOrt(name: string, t: Tensor): ort.Tensor {
+  const hit = ortTensors.get(t);
+  if (hit !== undefined) return hit;
   const type = ORT_TYPES[t.dtype];
   if (type === undefined) throw new ModelError('RUNTIME', `input ${name}: dtype ${t.dtype} cannot be fed to ONNX Runtime`, { input: name });
-  return new ort.Tensor(type, t.data as never, [...t.shape]);
+  const made = new ort.Tensor(type, t.data as never, [...t.shape]);
+  ortTensors.set(t, made);
+  return made;
 }
 
 function fromOrt(t: ort.Tensor): Tensor {

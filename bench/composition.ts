@@ -1,0 +1,131 @@
+/**
+ * Composition strategies, timed in one run (issue 5):
+ * - tiny fixture model, 128×128, 10 steps: seconds per image for plain, Merge, Composite batched,
+ *   Composite as N separate calls, CMLoRA c = 2, 3, 5 — N = 2, 3, 5 LoRAs;
+ * - real SD 1.5 size (random weights, 512×512): seconds per step for the same strategies at
+ *   N = 2, 3, 5 (steps 1… of a short run; step 0 includes session start).
+ * Ratios: Composite batched / N calls (goal ≤ 1/1.3), CMLoRA c / Composite (goal c = 3 ≤ 0.5),
+ * Merge / plain.
+ *
+ *   npm run bench:composition [-- --only tiny|sd15 --n 2,3,5 --steps 6]
+ *
+ * Correctness first: Composite batched and as N calls must give the same latents.
+ * JSON lines on stdout, a summary on stderr.
+ */
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { parseArgs } from 'node:util';
+import { Sd15Engine } from '../models/index.ts';
+import { engineModels, generate, normalizeJob, type JobInput } from '../pipelines/index.ts';
+import type { StrategySpec } from '../pipelines/strategies/index.ts';
+import { FIXTURES } from '../test/fixtures.ts';
+import { defaultBenchWorkDir, prepareRandomSd15Model } from './random-weights.ts';
+import { writeRandomLora } from './random-lora.ts';
+import { runConditions } from './run-conditions.ts';
+
+const { values } = parseArgs({ options: { only: { type: 'string' }, n: { type: 'string', default: '2,3,5' }, steps: { type: 'string', default: '6' }, threads: { type: 'string' } } });
+const only = values.only?.split(',') ?? ['tiny', 'sd15'];
+const counts = values.n.split(',').map(Number);
+const sd15Steps = Number(values.steps);
+const threads = values.threads === undefined ? os.cpus().length : Number(values.threads);
+const log = (line: string) => process.stderr.write(`[bench:composition] ${line}\n`);
+const emit = (record: Record<string, unknown>) => process.stdout.write(`${JSON.stringify({ ...runConditions(threads), ...record })}\n`);
+
+interface Variant {
+  readonly label: string;
+  readonly strategy: StrategySpec;
+  /** Composite as N separate calls: at most one CFG pair per UNet call. */
+  readonly maxBatch?: number;
+  readonly loras: boolean;
+}
+
+function variants(n: number): Variant[] {
+  const high = Array.from({ length: n }, (_, i) => (i === n - 1 && n > 1 ? 'low' : 'high') as 'high' | 'low');
+  return [
+    { label: 'plain (no LoRA)', strategy: { name: 'plain' }, loras: false },
+    { label: 'merge', strategy: { name: 'merge' }, loras: true },
+    { label: 'composite batched', strategy: { name: 'composite' }, loras: true },
+    { label: 'composite N calls', strategy: { name: 'composite' }, maxBatch: 2, loras: true },
+    ...[2, 3, 5].map((c) => ({ label: `cmlora c=${c}`, strategy: { name: 'cmlora', cacheInterval: c, frequencyClasses: high } as StrategySpec, loras: true })),
+  ];
+}
+
+async function run(setting: 'tiny' | 'sd15', modelDir: string, loraFiles: readonly string[], job: Omit<JobInput, 'model'>, perStep: boolean): Promise<void> {
+  const cacheDir = path.join(defaultBenchWorkDir(), 'cache');
+  for (const n of counts) {
+    const times: Record<string, number> = {};
+    const finals: Record<string, Float32Array> = {};
+    const engine = Sd15Engine.open(modelDir, { device: 'cpu', cacheDir, threads });
+    try {
+      const models = engineModels(engine);
+      for (const v of variants(n)) {
+        const loras = v.loras ? loraFiles.slice(0, n).map((f) => ({ name: f, te: 0.8, unet: 0.8 })) : [];
+        const j = normalizeJob({ ...job, model: modelDir, loras, strategy: v.strategy, loraMode: 'bank' });
+        // Warm-up: builds the sessions this variant needs (not timed).
+        await generate({ ...j, steps: 2 }, models, v.maxBatch === undefined ? {} : { maxBatch: v.maxBatch });
+        const stepTimes: number[] = [];
+        let last = performance.now();
+        const t0 = last;
+        const result = await generate(j, models, {
+          ...(v.maxBatch === undefined ? {} : { maxBatch: v.maxBatch }),
+          onProgress: () => {
+            const now = performance.now();
+            stepTimes.push(now - last);
+            last = now;
+          },
+        });
+        const total = performance.now() - t0;
+        const figure = perStep ? stepTimes.slice(1).reduce((a, b) => a + b, 0) / Math.max(1, stepTimes.length - 1) : total;
+        times[v.label] = figure;
+        finals[v.label] = result.images[0]!.finalLatents.data;
+        emit({ record: 'composition', setting, n, variant: v.label, [perStep ? 'msPerStep' : 'msPerImage']: Math.round(figure), steps: j.steps, size: `${j.width}x${j.height}` });
+        log(`${setting} N=${n} ${v.label}: ${perStep ? `${(figure / 1000).toFixed(2)} s/step` : `${(figure / 1000).toFixed(2)} s/image`}`);
+      }
+    } finally {
+      await engine.dispose();
+    }
+    let diff = 0;
+    const a = finals['composite batched']!;
+    const b = finals['composite N calls']!;
+    for (let i = 0; i < a.length; i++) diff = Math.max(diff, Math.abs(a[i]! - b[i]!));
+    const ratio = (x: string, y: string) => Math.round((times[x]! / times[y]!) * 1000) / 1000;
+    const summary = {
+      record: 'composition_summary',
+      setting,
+      n,
+      compositeBatchedVsNCallsMaxAbsDiff: diff,
+      speedupBatchedOverNCalls: ratio('composite N calls', 'composite batched'),
+      cmloraOverComposite: Object.fromEntries([2, 3, 5].map((c) => [`c=${c}`, ratio(`cmlora c=${c}`, 'composite batched')])),
+      mergeOverPlain: ratio('merge', 'plain (no LoRA)'),
+    };
+    emit(summary);
+    log(`${setting} N=${n}: batched composite ${summary.speedupBatchedOverNCalls}× faster than N calls (max |Δ| ${diff.toExponential(1)}); CMLoRA/Composite ${JSON.stringify(summary.cmloraOverComposite)}; Merge/plain ${summary.mergeOverPlain}`);
+  }
+}
+
+const work = defaultBenchWorkDir();
+fs.mkdirSync(work, { recursive: true });
+if (only.includes('tiny')) {
+  // Five distinct files (copies of the fixture LoRAs under other names: a stack never holds one file twice).
+  const dir = path.join(work, 'tiny-loras');
+  fs.mkdirSync(dir, { recursive: true });
+  const sources = ['lora_kohya_a', 'lora_kohya_b_locon', 'lora_peft', 'lora_kohya_a', 'lora_kohya_b_locon'];
+  const files = sources.map((s, i) => {
+    const f = path.join(dir, `${s}-${i}.safetensors`);
+    if (!fs.existsSync(f)) fs.copyFileSync(path.join(FIXTURES, 'tiny-sd15-lora', `${s}.safetensors`), f);
+    return f;
+  });
+  await run('tiny', path.join(FIXTURES, 'tiny-sd15'), files, { prompt: 'tinychar, red coat, flower garden', negativePrompt: 'blurry', steps: 10, width: 128, height: 128, sampler: 'DPM++ 2M', seed: 1 }, false);
+}
+if (only.includes('sd15')) {
+  const model = prepareRandomSd15Model(work, 1234, log);
+  const dir = path.join(work, 'loras');
+  fs.mkdirSync(dir, { recursive: true });
+  const files = [0, 1, 2, 3, 4].map((k) => {
+    const f = path.join(dir, `random-unet-r32-${k}.safetensors`);
+    writeRandomLora(f, 100 + k);
+    return f;
+  });
+  await run('sd15', model.dir, files, { prompt: 'a photo', negativePrompt: '', steps: sd15Steps, width: 512, height: 512, sampler: 'DPM++ 2M', seed: 1 }, true);
+}
