@@ -45,6 +45,8 @@ export interface UnetVariant {
   readonly shallow?: boolean;
   /** Region slots (see networks/unet.ts `regions`). */
   readonly regions?: boolean;
+  /** Head- and layer-averaged attention maps of one level: outputs `xattn`, `selfattn`. */
+  readonly attentionMaps?: { readonly level: number };
 }
 
 /** Region inputs of one UNet call (the regions variant). */

@@ -11,7 +11,7 @@ import type { Ops } from '../onnx/ops.ts';
 import { conv2d, groupNorm, linear } from './layers.ts';
 import { timeEmbeddingDelta } from './adapter-bank.ts';
 
-/** Receives the attention probabilities of a module that was asked for. */
+/** Receives the attention probabilities (B, heads, N, M) of a module that was asked for. */
 export type AttentionProbsTap = (probs: Value) => void;
 
 export interface AttentionOptions {
@@ -45,8 +45,7 @@ export interface RegionRouting {
 /**
  * `Attention` + `AttnProcessor`: softmax(q·kᵀ·dimHead^-½)·v per head, then `to_out.0`.
  * x (B, N, queryDim), context (B, M, kvDim) or undefined for self-attention → (B, N, queryDim).
- * The tap, when set, receives the probabilities as (B·heads, N, M), row b·heads + h, as diffusers'
- * `get_attention_scores` returns them.
+ * The tap, when set, receives the probabilities (B, heads, N, M).
  */
 export function attention(g: Ops, x: Value, context: Value | undefined, o: AttentionOptions): Value {
   const inner = o.heads * o.dimHead;
@@ -61,10 +60,7 @@ export function attention(g: Ops, x: Value, context: Value | undefined, o: Atten
   // diffusers scales after the product (baddbmm with alpha = scale).
   const scores = g.mul(g.matmul(qh, kt), g.scalar(o.dimHead ** -0.5)); // (B, h, N, M)
   const probs = g.softmax(scores, { dim: -1 });
-  if (o.tap !== undefined) {
-    // (B, h, N, M) → (B·h, N, M)
-    o.tap(g.reshape(probs, g.concat([g.int64s([-1]), g.shape(probs, { start: 2 })], { dim: 0 })));
-  }
+  o.tap?.(probs); // (B, h, N, M)
   let out = g.reshape(g.transpose(g.matmul(probs, vh), [0, 2, 1, 3]), [0, 0, inner]); // (B, h, N, d) → (B, N, h·d)
   if (o.regions !== undefined) out = routeRegions(g, out, qh, o, inner);
   return g.scope('to_out', () => linear(g, '0', out, inner, o.queryDim, { bias: true }));

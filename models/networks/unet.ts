@@ -39,6 +39,13 @@ export interface UnetBuildOptions {
   readonly debugOutputs?: boolean;
   /** LoRA adapter-bank inputs on every linear/conv of the down, mid and up blocks (see adapter-bank.ts). */
   readonly adapterBank?: boolean;
+  /**
+   * Head- and layer-averaged attention maps of one UNet level (level 2 = the 1/32 grid of
+   * CLoRA and LoRA-Composer): outputs `xattn` (B, N, S) from the cross-attentions and `selfattn`
+   * (B, N, N) from the self-attentions of every transformer block on that level (mean over heads,
+   * then over the layers).
+   */
+  readonly attentionMaps?: { readonly level: number };
   /** Also output `deep_feature`: the input of the last up block (DeepCache / CMLoRA's cached feature). */
   readonly deepFeature?: boolean;
   /**
@@ -88,6 +95,8 @@ interface Ctx {
   readonly context: Value;
   readonly taps: Map<string, Value>;
   readonly wanted: ReadonlySet<string>;
+  /** Collected (B, h, N, M) probabilities for the level maps. */
+  readonly maps?: { readonly level: number; readonly cross: Value[]; readonly self: Value[] };
   readonly regions?: { readonly context: Value; readonly masks: readonly Value[]; readonly mix?: Value };
 }
 
@@ -136,9 +145,16 @@ function feedForward(g: Ops, x: Value, dim: number): Value {
 function basicTransformerBlock(ctx: Ctx, x: Value, dim: number, heads: number, crossDim: number, onlyCrossAttention: boolean): Value {
   const { g } = ctx;
   const dimHead = dim / heads;
-  const tapFor = (module: string) => {
+  const blockLevel = unetLevelOf(g.scopePath + '.', ctx.c.blockOutChannels.length);
+  const tapFor = (module: 'attn1' | 'attn2') => {
     const path = `${g.scopePath}.${module}`;
-    return ctx.wanted.has(path) ? (probs: Value) => void ctx.taps.set(path, probs) : undefined;
+    const wantedHere = ctx.wanted.has(path);
+    const mapHere = ctx.maps !== undefined && blockLevel === ctx.maps.level;
+    if (!wantedHere && !mapHere) return undefined;
+    return (probs: Value) => {
+      if (wantedHere) ctx.taps.set(path, probs);
+      if (mapHere) (module === 'attn2' ? ctx.maps!.cross : ctx.maps!.self).push(g.reduceMean(probs, { dims: [1], keepdim: false })); // (B, h, N, M) → (B, N, M)
+    };
   };
   const tap1 = tapFor('attn1');
   const tap2 = tapFor('attn2');
@@ -327,7 +343,8 @@ export function buildUnetGraph(config: UnetConfig, options: UnetBuildOptions = {
         : undefined;
     regions = { context: regionContext, masks, ...(mix === undefined ? {} : { mix }) };
   }
-  const ctx: Ctx = { g, c, temb, tembChannels, context, taps: new Map(), wanted, ...(regions === undefined ? {} : { regions }) };
+  const maps = options.attentionMaps === undefined ? undefined : { level: options.attentionMaps.level, cross: [] as Value[], self: [] as Value[] };
+  const ctx: Ctx = { g, c, temb, tembChannels, context, taps: new Map(), wanted, ...(maps === undefined ? {} : { maps }), ...(regions === undefined ? {} : { regions }) };
 
   // 2. conv_in; its output is the first skip.
   let h = conv2d(g, 'conv_in', sample, c.inChannels, c0, { kernel: 3, padding: 1 });
@@ -377,7 +394,15 @@ export function buildUnetGraph(config: UnetConfig, options: UnetBuildOptions = {
     if (probs === undefined) {
       throw new ModelError('GRAPH_BUILD', `attention tap ${module}: no such attention module in this UNet`, { module });
     }
-    g.output(probs, `attn_probs.${module}`, 'float32', ['batch_heads', 'queries', 'keys']);
+    // (B, h, N, M) → (B·h, N, M), row b·heads + h, as diffusers' get_attention_scores returns them.
+    g.output(g.reshape(probs, g.concat([g.int64s([-1]), g.shape(probs, { start: 2 })], { dim: 0 })), `attn_probs.${module}`, 'float32', ['batch_heads', 'queries', 'keys']);
+  }
+  if (ctx.maps !== undefined) {
+    const { cross, self, level } = ctx.maps;
+    if (cross.length === 0) throw new ModelError('GRAPH_BUILD', `attention maps: no transformer block on level ${level} of this UNet`, { level });
+    const average = (parts: Value[]) => g.div(parts.slice(1).reduce((acc, p) => g.add(acc, p), parts[0]!), g.scalar(parts.length));
+    g.output(average(cross), 'xattn', 'float32', ['batch', 'queries', 'sequence']);
+    g.output(average(self), 'selfattn', 'float32', ['batch', 'queries', 'queries']);
   }
   return g.finish();
 }
