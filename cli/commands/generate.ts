@@ -3,8 +3,6 @@
  * PNGs carrying A1111's `parameters` text and a `chorus` JSON chunk, and `--save-latents` /
  * `--init-latents` for comparing with other implementations.
  */
-import * as fs from 'node:fs';
-import * as path from 'node:path';
 import { Sd15Engine, loraFoldersOf, openSafetensors, writeSafetensors, type Tensor } from '../../models/index.ts';
 import {
   JOB_DEFAULTS,
@@ -13,11 +11,15 @@ import {
   engineModels,
   generate,
   imageMetadataTexts,
+  installLoraFolders,
+  outputNamer,
   normalizeJob,
   writeFileAtomic,
+  STRATEGY_NAMES,
   type GenerateJob,
-  type GeneratedImage,
   type JobLora,
+  type JobRegion,
+  type StrategySpec,
   type LoraMode,
   type GenerateProgress,
 } from '../../pipelines/index.ts';
@@ -44,6 +46,15 @@ export const GENERATE_HELP = `chorus generate — text to image
   --lora <name[:w[:unet_w]]>  apply a LoRA by file stem, alias or path (repeatable; prompt tags <lora:name:w> work too)
   --lora-dir <folder>      where LoRAs are looked up by name (repeatable; an A1111 or ComfyUI install works;
                            also CHORUS_LORA_DIRS, and the install the checkpoint sits in)
+  --strategy <name>        how several LoRAs are composed: plain (default), merge, switch, composite, cmlora, regions
+  --switch-every <n>       switch: steps per LoRA (default 5)
+  --cache-interval <c>     cmlora: 0 non-uniform refresh, 1 every step, ≥ 2 every c steps with feature caching (default 3)
+  --frequency high,low,…   cmlora: frequency class per LoRA (measured from a probe image when omitted)
+  --phase-rule <rule>      cmlora: offline (default), online, online-official
+  --cmlora-official        cmlora: reproduce the official code's quirks (phase-2 refresh no-op)
+  --region "x,y,w,h:prompt[:lora:weight[:unet_weight]]"
+                           regions: a box in pixels with its prompt and LoRA (repeatable; implies --strategy regions)
+  --region-mask "mask.png:prompt[:lora:weight]"   regions: a painted mask (white/opaque = inside)
   --lora-mode auto|bank|merged   LoRAs as runtime inputs (bank) or baked into the weights (merged); auto: bank
                            unless a LoRA is not low-rank (LoKr)
   --out <path>             a folder (default ./outputs; files NNNNN-<seed>.png) or a .png file name
@@ -57,22 +68,6 @@ function num(flag: string, value: string | undefined): number | undefined {
   const n = Number(value);
   if (value.trim() === '' || !Number.isFinite(n)) throw new UsageError(`${flag} must be a number, got "${value}"`);
   return n;
-}
-
-/** Output file names: a .png path names the file (suffixed -k for several), else a folder of NNNNN-seed.png. */
-function outputNamer(out: string, total: number): (img: GeneratedImage) => string {
-  if (out.toLowerCase().endsWith('.png')) {
-    const stem = out.slice(0, -4);
-    return (img) => (total === 1 ? out : `${stem}-${img.index}.png`);
-  }
-  fs.mkdirSync(out, { recursive: true });
-  const used = fs
-    .readdirSync(out)
-    .map((f) => /^(\d{5,})-/.exec(f)?.[1])
-    .filter((s): s is string => s !== undefined)
-    .map(Number);
-  const first = used.length === 0 ? 0 : Math.max(...used) + 1;
-  return (img) => path.join(out, `${String(first + img.index).padStart(5, '0')}-${img.seed}.png`);
 }
 
 function progressBar(total: number): (p: GenerateProgress) => void {
@@ -103,25 +98,62 @@ export function parseLoraFlag(value: string): JobLora {
   return { name, te, unet: numbers[1] ?? te };
 }
 
+function strategyFromFlags(values: {
+  strategy?: string | undefined;
+  'switch-every'?: string | undefined;
+  'cache-interval'?: string | undefined;
+  frequency?: string | undefined;
+  'phase-rule'?: string | undefined;
+  'cmlora-official'?: boolean | undefined;
+  region?: string[] | undefined;
+  'region-mask'?: string[] | undefined;
+}): StrategySpec {
+  const hasRegions = (values.region?.length ?? 0) + (values['region-mask']?.length ?? 0) > 0;
+  const name = values.strategy ?? (hasRegions ? 'regions' : 'plain');
+  if (!(STRATEGY_NAMES as readonly string[]).includes(name)) throw new UsageError(`--strategy must be one of ${STRATEGY_NAMES.join(', ')}, got "${name}"`);
+  const frequencyClasses = values.frequency?.split(',').map((f) => f.trim());
+  if (frequencyClasses !== undefined && !frequencyClasses.every((f) => f === 'high' || f === 'low')) throw new UsageError(`--frequency takes high or low per LoRA, comma-separated, got "${values.frequency}"`);
+  const phaseRule = values['phase-rule'];
+  if (phaseRule !== undefined && !['offline', 'online', 'online-official'].includes(phaseRule)) throw new UsageError(`--phase-rule must be offline, online or online-official, got "${phaseRule}"`);
+  return {
+    name: name as StrategySpec['name'],
+    ...(values['switch-every'] === undefined ? {} : { switchEvery: num('--switch-every', values['switch-every'])! }),
+    ...(values['cache-interval'] === undefined ? {} : { cacheInterval: num('--cache-interval', values['cache-interval'])! }),
+    ...(frequencyClasses === undefined ? {} : { frequencyClasses: frequencyClasses as Array<'high' | 'low'> }),
+    ...(phaseRule === undefined ? {} : { phaseRule: phaseRule as 'offline' | 'online' | 'online-official' }),
+    ...(values['cmlora-official'] === true ? { official: true } : {}),
+  };
+}
+
+/** `prompt[:lora:weight[:unet_weight]]` after the area: trailing numbers are weights, the part before them the LoRA. */
+function regionRest(rest: string, flag: string, value: string): Pick<JobRegion, 'prompt' | 'lora'> {
+  const parts = rest.split(':');
+  const weights: number[] = [];
+  while (parts.length > 2 && weights.length < 2 && /^\s*-?(\d+\.?\d*|\.\d+)\s*$/.test(parts[parts.length - 1]!)) weights.unshift(Number(parts.pop()));
+  if (weights.length === 0) return { prompt: rest };
+  const lora = parts.pop()!.trim();
+  if (lora === '') throw new UsageError(`${flag}: the LoRA name before the weight is empty in "${value}"`);
+  return { prompt: parts.join(':'), lora: { name: lora, te: weights[0]!, unet: weights[1] ?? weights[0]! } };
+}
+
+/** `--region "x,y,w,h:prompt[:lora:weight[:unet_weight]]"` (pixels from the top-left). */
+export function parseRegionFlag(value: string): JobRegion {
+  const at = value.indexOf(':');
+  const box = (at < 0 ? value : value.slice(0, at)).split(',').map((v) => Number(v.trim()));
+  if (at < 0 || box.length !== 4 || !box.every(Number.isFinite)) throw new UsageError(`--region must be "x,y,w,h:prompt[:lora:weight]", got "${value}"`);
+  return { box: box as [number, number, number, number], ...regionRest(value.slice(at + 1), '--region', value) };
+}
+
+/** `--region-mask "mask.png:prompt[:lora:weight[:unet_weight]]"` (white or opaque = inside). */
+export function parseRegionMaskFlag(value: string): JobRegion {
+  const at = value.toLowerCase().indexOf('.png:');
+  if (at < 0) throw new UsageError(`--region-mask must be "mask.png:prompt[:lora:weight]", got "${value}"`);
+  return { mask: value.slice(0, at + 4), ...regionRest(value.slice(at + 5), '--region-mask', value) };
+}
+
 function parseLoraMode(value: string): LoraMode {
   if (value !== 'auto' && value !== 'bank' && value !== 'merged') throw new UsageError(`--lora-mode must be auto, bank or merged, got "${value}"`);
   return value;
-}
-
-/** LoRA folders of the install a checkpoint lives in (A1111 `models/Stable-diffusion/x` → `models/Lora`, ComfyUI → `models/loras`). */
-function defaultLoraDirs(model: string): string[] {
-  const dirs: string[] = [];
-  let dir = path.dirname(path.resolve(model));
-  for (let i = 0; i < 4; i++) {
-    if (path.basename(dir) === 'models') {
-      dirs.push(...loraFoldersOf(path.dirname(dir)));
-      break;
-    }
-    dir = path.dirname(dir);
-  }
-  const env = process.env.CHORUS_LORA_DIRS;
-  if (env !== undefined && env !== '') dirs.push(...env.split(path.delimiter).filter((d) => d !== ''));
-  return dirs;
 }
 
 function readInitLatents(file: string): Tensor {
@@ -167,6 +199,14 @@ export async function runGenerate(argv: readonly string[]): Promise<number> {
     lora: { type: 'string', multiple: true },
     'lora-dir': { type: 'string', multiple: true },
     'lora-mode': { type: 'string' },
+    strategy: { type: 'string' },
+    'switch-every': { type: 'string' },
+    'cache-interval': { type: 'string' },
+    frequency: { type: 'string' },
+    'phase-rule': { type: 'string' },
+    'cmlora-official': { type: 'boolean' },
+    region: { type: 'string', multiple: true },
+    'region-mask': { type: 'string', multiple: true },
     help: { type: 'boolean' },
   });
   if (values.help === true) {
@@ -192,6 +232,8 @@ export async function runGenerate(argv: readonly string[]): Promise<number> {
     ...(values['batch-size'] === undefined ? {} : { batchSize: num('--batch-size', values['batch-size'])! }),
     ...(values['batch-count'] === undefined ? {} : { batchCount: num('--batch-count', values['batch-count'])! }),
     loras: (values.lora ?? []).map(parseLoraFlag),
+    strategy: strategyFromFlags(values),
+    regions: [...(values.region ?? []).map(parseRegionFlag), ...(values['region-mask'] ?? []).map(parseRegionMaskFlag)],
     ...(values['lora-mode'] === undefined ? {} : { loraMode: parseLoraMode(values['lora-mode']) }),
   });
   const initLatents = values['init-latents'] === undefined ? undefined : readInitLatents(values['init-latents']);
@@ -199,7 +241,7 @@ export async function runGenerate(argv: readonly string[]): Promise<number> {
   const nameOf = outputNamer(values.out ?? 'outputs', total);
 
   const engine = Sd15Engine.open(job.model, options);
-  const loraDirs = [...(values['lora-dir'] ?? []).flatMap((d) => loraFoldersOf(d)), ...defaultLoraDirs(job.model)];
+  const loraDirs = [...(values['lora-dir'] ?? []).flatMap((d) => loraFoldersOf(d)), ...installLoraFolders(job.model)];
   const written: string[] = [];
   const inits: Tensor<'float32'>[] = [];
   const finals: Tensor<'float32'>[] = [];

@@ -337,10 +337,11 @@ export function buildUnetGraph(config: UnetConfig, options: UnetBuildOptions = {
   if (options.regions === true) {
     const regionContext = g.input(REGION_CONTEXT_INPUT, 'float32', ['batch', 'regions', 'region_sequence', crossDim]);
     const masks = c.blockOutChannels.map((_, l) => g.input(REGION_MASK_INPUT(l), 'float32', ['batch', 'regions', `level${l}_height`, `level${l}_width`]));
-    const mix =
-      options.adapterBank === true
-        ? g.reshape(g.input(REGION_LORA_MIX_INPUT, 'float32', ['batch', 'regions', 'adapters']), [-1, 0]) // (B, R, K) → (B·R, K)
-        : undefined;
+    let mix: Value | undefined;
+    if (options.adapterBank === true) {
+      const slotMix = g.input(REGION_LORA_MIX_INPUT, 'float32', ['batch', 'regions', 'adapters']);
+      mix = g.reshape(slotMix, g.concat([g.int64s([-1]), g.shape(slotMix, { start: 2 })], { dim: 0 })); // (B, R, K) → (B·R, K)
+    }
     regions = { context: regionContext, masks, ...(mix === undefined ? {} : { mix }) };
   }
   const maps = options.attentionMaps === undefined ? undefined : { level: options.attentionMaps.level, cross: [] as Value[], self: [] as Value[] };
