@@ -26,6 +26,8 @@ import { loadLora, loraTargetsFromParams, type LoadedLora, type LdmModuleMap } f
 import { moduleLayers, unetModuleMap } from './keys/ldm.ts';
 import type { ParamPatch } from './weights.ts';
 import * as fs from 'node:fs';
+import { buildUnetVjpGraph, UNET_VJP_DEFAULT_LEVEL } from './networks/unet-vjp.ts';
+import { cotangentInput, gradientOutput } from './onnx/vjp.ts';
 
 export type GraphKind = 'text_encoder' | 'unet' | 'vae_decoder' | 'vae_encoder';
 
@@ -144,6 +146,29 @@ export interface UnetInput {
   readonly deepFeature?: Tensor;
   /** Region slots, for the regions variant. */
   readonly regions?: RegionInputs;
+}
+
+/** Cotangents of the attention maps for `runUnetVjp`: ∂L/∂xattn (B, N, S) and ∂L/∂selfattn (B, N, N). */
+export interface UnetCotangents {
+  readonly xattn: Tensor;
+  readonly selfattn: Tensor;
+}
+
+export interface UnetVjpVariant {
+  /** The UNet level of the maps (default 2, the 1/32 grid of CLoRA and LoRA-Composer). */
+  readonly level?: number;
+  /** Also return ∂L/∂(stage output) per UNet stage (see `networks/unet-vjp.ts`). */
+  readonly debugGradients?: boolean;
+}
+
+export interface UnetVjpOutput {
+  /** The maps at the given inputs (B, N, S) and (B, N, N). */
+  readonly xattn: Tensor<'float32'>;
+  readonly selfattn: Tensor<'float32'>;
+  /** ∂L/∂sample, L = Σ cot.xattn·xattn + Σ cot.selfattn·selfattn; shaped like sample. */
+  readonly gradSample: Tensor<'float32'>;
+  /** `debug.grad.<stage>` when asked for. */
+  readonly debugGradients: Readonly<Record<string, Tensor<'float32'>>>;
 }
 
 const COMPONENT_OF: Readonly<Record<GraphKind, Component>> = { text_encoder: 'text_encoder', unet: 'unet', vae_decoder: 'vae', vae_encoder: 'vae' };
@@ -369,6 +394,97 @@ export class Sd15Engine {
     const result: Record<string, Tensor<'float32'>> = {};
     for (const [k, v] of Object.entries(out)) result[k] = f32(v);
     return result;
+  }
+
+  /**
+   * The gradient of an attention-map loss with respect to the UNet input: one run of the VJP graph
+   * of the truncated UNet (`networks/unet-vjp.ts`), which also returns the maps. The caller computes
+   * L from the maps and passes its cotangents. LoRAs apply as in `runUnet` (bank or merged) and are
+   * active in the backward pass. Throws SHAPE_MISMATCH for inputs or cotangents of the wrong shape,
+   * and for region or deep-feature inputs (the VJP graph has none).
+   */
+  async runUnetVjp(input: UnetInput, cotangents: UnetCotangents, adapters?: AdapterUse, variant: UnetVjpVariant = {}): Promise<UnetVjpOutput> {
+    const c = this.model.unet;
+    const { sample, encoderHiddenStates: ctx } = input;
+    if (input.regions !== undefined || input.deepFeature !== undefined) {
+      throw new ModelError('SHAPE_MISMATCH', 'the UNet VJP takes no region or deep_feature inputs.', { input: input.regions !== undefined ? 'region_context' : 'deep_feature' });
+    }
+    if (sample.shape.length !== 4 || sample.shape[1] !== c.inChannels) {
+      throw new ModelError('SHAPE_MISMATCH', `sample must be (batch, ${c.inChannels}, height/8, width/8), got [${sample.shape.join(', ')}].`, { input: 'sample', shape: sample.shape });
+    }
+    const [batch, , height, width] = sample.shape as [number, number, number, number];
+    if (ctx.shape.length !== 3 || ctx.shape[0] !== batch || ctx.shape[2] !== c.crossAttentionDim[0]) {
+      throw new ModelError('SHAPE_MISMATCH', `encoder_hidden_states must be (${batch}, tokens, ${c.crossAttentionDim[0]}), got [${ctx.shape.join(', ')}].`, { input: 'encoder_hidden_states', shape: ctx.shape });
+    }
+    const t = f32(input.timestep);
+    if (t.data.length !== 1 && t.data.length !== batch) {
+      throw new ModelError('SHAPE_MISMATCH', `timestep must hold 1 or ${batch} values, got ${t.data.length}.`, { input: 'timestep', shape: t.shape });
+    }
+    const level = variant.level ?? UNET_VJP_DEFAULT_LEVEL;
+    if (!Number.isInteger(level) || level < 0 || level >= c.blockOutChannels.length) {
+      throw new ModelError('SHAPE_MISMATCH', `the map level must be 0…${c.blockOutChannels.length - 1}, got ${level}.`, { input: 'level', level });
+    }
+    // The level's grid: each downsampler is a 3×3, stride-2 conv.
+    const down = (n: number) => (c.downsamplePadding === 0 ? Math.floor((n - 2) / 2) + 1 : Math.floor((n + 2 * c.downsamplePadding - 3) / 2) + 1);
+    let [h, w] = [height, width];
+    for (let l = 0; l < level; l++) [h, w] = [down(h), down(w)];
+    const queries = h * w;
+    const expected = { xattn: [batch, queries, ctx.shape[1]!], selfattn: [batch, queries, queries] };
+    for (const map of ['xattn', 'selfattn'] as const) {
+      const got = cotangents[map].shape;
+      if (got.join(',') !== expected[map].join(',')) {
+        throw new ModelError('SHAPE_MISMATCH', `the cotangent of ${map} must be [${expected[map].join(', ')}] (batch, queries of level ${level}, keys), got [${got.join(', ')}].`, { input: cotangentInput(map), shape: got });
+      }
+    }
+
+    const bank = adapters !== undefined && adapters.mode === 'bank';
+    let patch: ParamPatch | undefined;
+    if (adapters !== undefined && adapters.mode === 'merged' && adapters.stack.size > 0) {
+      patch = mergePatch('unet', adapters.stack.entries.map((e) => ({ identity: fileIdentity(e.path), name: e.name, modules: e.modules, strength: e.unet })));
+    }
+    const options = { level, adapterBank: bank, debugGradients: variant.debugGradients === true };
+    const key = `unet_vjp|${JSON.stringify(options)}|${patch?.key ?? ''}`;
+    let pending = this.#sessions.get(key);
+    if (pending === undefined) {
+      pending = (async () => {
+        const graph = buildUnetVjpGraph(c, options);
+        // Bound against the plain UNet's parameters, so the VJP graph shares its weights file.
+        const bound = bindWeights(this.buildGraph('unet').params, this.model.weights('unet'));
+        const prepared = prepareModelFiles(graph, bound, { cacheDir: this.cacheDir, component: 'unet', ...(patch === undefined ? {} : { patch }) });
+        return OrtSession.create(prepared.modelPath, { device: this.device, ...(this.#threads === undefined ? {} : { threads: this.#threads }) });
+      })();
+      this.#sessions.set(key, pending);
+      pending.catch(() => this.#sessions.delete(key));
+    }
+    const session = await pending;
+
+    const feeds: Record<string, Tensor> = {
+      sample: f32(sample),
+      timestep: { dtype: 'float32', shape: [t.data.length], data: t.data },
+      encoder_hidden_states: f32(ctx),
+      [cotangentInput('xattn')]: f32(cotangents.xattn),
+      [cotangentInput('selfattn')]: f32(cotangents.selfattn),
+    };
+    if (adapters !== undefined && adapters.mode === 'bank') {
+      const K = adapters.stack.size;
+      if (adapters.mix.length !== batch || adapters.mix.some((row) => row.length !== K)) {
+        throw new ModelError('SHAPE_MISMATCH', `the LoRA mix must have one row of ${K} strengths per batch element (${batch}); got ${adapters.mix.length} rows.`, { input: LORA_MIX_INPUT });
+      }
+      const cacheKey = `unet|${adapters.stack.id}`;
+      let all = this.#bankFeeds.get(cacheKey);
+      if (all === undefined) {
+        all = bankFeeds(bankLayersOf(this.buildGraph('unet', { adapterBank: true })), 'unet', adapters.stack.entries);
+        this.#bankFeeds.set(cacheKey, all);
+      }
+      // The VJP graph reads only the bank layers before the cut.
+      const wanted = new Set(session.inputNames);
+      for (const [name, value] of Object.entries(all)) if (wanted.has(name)) feeds[name] = value;
+      feeds[LORA_MIX_INPUT] = mixTensor(adapters.mix, K);
+    }
+    const out = await session.run(feeds);
+    const debugGradients: Record<string, Tensor<'float32'>> = {};
+    for (const [name, value] of Object.entries(out)) if (name.startsWith('debug.grad.')) debugGradients[name] = f32(value);
+    return { xattn: f32(out.xattn!), selfattn: f32(out.selfattn!), gradSample: f32(out[gradientOutput('sample')]!), debugGradients };
   }
 
   /** VAE decoder on UNet-space latents (B, 4, h, w) → `decoder_output` and `image01` (B, 3, 8h, 8w). */

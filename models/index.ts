@@ -7,7 +7,7 @@ export { SafetensorsFile, openSafetensors, writeSafetensors, encodeSafetensors, 
 export { ClipTokenizer } from './tokenizer/clip.ts';
 export { openModel, type OpenedModel, type OpenModelOptions, type ModelFormat } from './model.ts';
 export { detectCheckpoint, type CheckpointDetection, type CheckpointKind } from './single-file.ts';
-export { Sd15Engine, AdapterStack, type AdapterUse, type StackEntry, type EngineOptions, type GraphKind, type UnetVariant, type RegionInputs, type TextEncoderVariant, type GraphVariant, type UnetInput, type TextEncoderOutput } from './engine.ts';
+export { Sd15Engine, AdapterStack, type AdapterUse, type StackEntry, type EngineOptions, type GraphKind, type UnetVariant, type RegionInputs, type TextEncoderVariant, type GraphVariant, type UnetInput, type TextEncoderOutput, type UnetCotangents, type UnetVjpVariant, type UnetVjpOutput } from './engine.ts';
 export { DEVICES, providerCandidates, ortVersion, type Device, type ProviderChoice } from './runtime.ts';
 export { defaultCacheDir } from './cache.ts';
 export { dumpGraph } from './onnx/dump.ts';

@@ -220,6 +220,82 @@ export class Ops extends GraphBuilder {
     return this.#one('Identity', [x]);
   }
 
+  // ---- used by the VJP graphs (models/onnx/vjp.ts) ---------------------------------------------
+
+  neg(x: Value): Value {
+    return this.#one('Neg', [x]);
+  }
+  /** `torch.where(cond, a, b)`. */
+  where(cond: Value, a: Value, b: Value): Value {
+    return this.#one('Where', [cond, a, b]);
+  }
+  equal(a: Value, b: Value): Value {
+    return this.#one('Equal', [a, b]);
+  }
+  greater(a: Value, b: Value): Value {
+    return this.#one('Greater', [a, b]);
+  }
+  less(a: Value, b: Value): Value {
+    return this.#one('Less', [a, b]);
+  }
+  /** GreaterOrEqual / LessOrEqual exist since opset 12. */
+  greaterOrEqual(a: Value, b: Value): Value {
+    return this.#one('GreaterOrEqual', [a, b]);
+  }
+  lessOrEqual(a: Value, b: Value): Value {
+    return this.#one('LessOrEqual', [a, b]);
+  }
+  and(a: Value, b: Value): Value {
+    return this.#one('And', [a, b]);
+  }
+  not(x: Value): Value {
+    return this.#one('Not', [x]);
+  }
+  /** The element count as an int64 scalar. */
+  size(x: Value): Value {
+    return this.#one('Size', [x]);
+  }
+  /** Indices of the non-zero elements, (rank, count) int64. */
+  nonZero(x: Value): Value {
+    return this.#one('NonZero', [x]);
+  }
+  /** `x.expand(shape)` with numpy broadcasting; `shape` is an int64 value. */
+  expand(x: Value, shape: Value): Value {
+    return this.#one('Expand', [x, shape]);
+  }
+  /** `torch.arange(start, limit, delta)` on scalar values. */
+  range(start: Value, limit: Value, delta: Value): Value {
+    return this.#one('Range', [start, limit, delta]);
+  }
+  /** Split into parts of the given sizes (an int64 value) along `dim`; the sizes are an input since opset 13. */
+  split(x: Value, sizes: Value, parts: number, options: { dim: number }): Value[] {
+    return this.node('Split', [x, sizes], { axis: attr.int(options.dim) }, { outputs: parts });
+  }
+  /** Zero padding; `pads` is an int64 value [begin_0 … begin_{r−1}, end_0 … end_{r−1}] (an input since opset 11). */
+  pad(x: Value, pads: Value): Value {
+    return this.#one('Pad', [x, pads]);
+  }
+  /** ReduceSum over axes given as an int64 value; empty axes leave x unchanged (`noop_with_empty_axes`). */
+  reduceSumOver(x: Value, axes: Value, options: { keepdim: boolean }): Value {
+    return this.#one('ReduceSum', [x, axes], { keepdims: attr.int(options.keepdim ? 1 : 0), noop_with_empty_axes: attr.int(1) });
+  }
+  /** ScatterND adding `updates` into a copy of `data` (reduction since opset 16); repeated indices accumulate. */
+  scatterNdAdd(data: Value, indices: Value, updates: Value): Value {
+    return this.#one('ScatterND', [data, indices, updates], { reduction: attr.string('add') });
+  }
+  /**
+   * `F.conv_transpose2d` without bias; weight (C_in, C_out, kh, kw). Pads as ONNX orders them
+   * ([top, left, bottom, right]); `outputPadding` adds rows/columns at the bottom/right.
+   */
+  convTranspose2d(x: Value, weight: Value, options: { strides: readonly number[]; pads: readonly number[]; dilations: readonly number[]; outputPadding: readonly number[] }): Value {
+    return this.#one('ConvTranspose', [x, weight], {
+      strides: attr.ints(options.strides),
+      pads: attr.ints(options.pads),
+      dilations: attr.ints(options.dilations),
+      output_padding: attr.ints(options.outputPadding),
+    });
+  }
+
   #one(opType: string, inputs: ReadonlyArray<Value | undefined>, attributes: Parameters<GraphBuilder['node']>[2] = {}): Value {
     return this.node(opType, inputs, attributes)[0]!;
   }

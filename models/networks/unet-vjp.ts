@@ -1,0 +1,81 @@
+/**
+ * The UNet graphs of the gradient-guided methods (CLoRA, LoRA-Composer; methods.md section 7):
+ * the head- and layer-averaged attention maps of one UNet level and their vector-Jacobian product.
+ *
+ * Both losses read only `xattn` / `selfattn` of level 2 (the 1/32 grid), so the forward is truncated
+ * after the last transformer block of that level (`up_blocks.1.attentions.2` in SD 1.5): noise_pred
+ * and everything that only feeds it are pruned (`pruneGraph`). The VJP graph recomputes that
+ * truncated forward and differentiates it with respect to `sample` (`buildVjpGraph`):
+ *
+ *   inputs   sample, timestep, encoder_hidden_states [, lora_mix, lora.<module>.* of the layers
+ *            before the cut], cot.xattn (B, N, S), cot.selfattn (B, N, N)
+ *   outputs  xattn, selfattn, grad_sample = ∂L/∂sample for L = Σ cot.xattn·xattn + Σ cot.selfattn·selfattn
+ *
+ * The loss and its cotangents are computed by the caller. timestep and encoder_hidden_states are
+ * constants of the derivative; with an adapter bank the LoRAs are active in the forward and the
+ * backward alike.
+ */
+import type { Graph } from '../onnx/builder.ts';
+import { buildVjpGraph, pruneGraph } from '../onnx/vjp.ts';
+import { buildUnetGraph } from './unet.ts';
+import type { UnetConfig } from './config.ts';
+
+/** The level of CLoRA's and LoRA-Composer's maps: the 1/32 grid (16×16 at 512²). */
+export const UNET_VJP_DEFAULT_LEVEL = 2;
+
+export type UnetMap = 'xattn' | 'selfattn';
+
+export interface UnetVjpOptions {
+  /** The UNet level whose maps the loss reads (0 = the latent grid). */
+  readonly level: number;
+  /** Adapter-bank inputs (LoRAs active during the update). */
+  readonly adapterBank?: boolean;
+  /** The maps the loss depends on (default both; a loss on xattn alone gets a smaller graph). */
+  readonly maps?: readonly UnetMap[];
+  /**
+   * Also output `debug.grad.<stage>` = ∂L/∂(output of stage) for conv_in, every down block, the mid
+   * block and the up blocks below `level` (after their upsampler), as the reference fixtures store them.
+   */
+  readonly debugGradients?: boolean;
+}
+
+function forwardGraph(config: UnetConfig, options: UnetVjpOptions): Graph {
+  return buildUnetGraph(config, {
+    attentionMaps: { level: options.level },
+    ...(options.adapterBank === true ? { adapterBank: true } : {}),
+    ...(options.debugGradients === true ? { debugOutputs: true } : {}),
+  });
+}
+
+/** The truncated forward: only what the maps of `level` need (for the loss evaluation before a VJP call). */
+export function buildUnetMapsGraph(config: UnetConfig, options: UnetVjpOptions): Graph {
+  return pruneGraph(forwardGraph(config, { ...options, debugGradients: false }), options.maps ?? ['xattn', 'selfattn']);
+}
+
+/** The VJP graph of the maps with respect to `sample` (see the file header). */
+export function buildUnetVjpGraph(config: UnetConfig, options: UnetVjpOptions): Graph {
+  const forward = forwardGraph(config, options);
+  const probes: [string, string][] = [];
+  if (options.debugGradients === true) {
+    const n = config.blockOutChannels.length;
+    const stages = ['conv_in', ...config.blockOutChannels.map((_, i) => `down_blocks.${i}`), 'mid_block', ...Array.from({ length: n - 1 - options.level }, (_, i) => `up_blocks.${i}`)];
+    for (const stage of stages) probes.push([`debug.grad.${stage}`, debugSource(forward, `debug.${stage}`)]);
+  }
+  return buildVjpGraph(forward, {
+    outputs: options.maps ?? ['xattn', 'selfattn'],
+    wrt: 'sample',
+    // The engine accepts 1 or B timesteps, so the time embedding never broadcasts the feature maps.
+    broadcastsInto: [['timestep_batch', 'batch']],
+    probes,
+  });
+}
+
+/** The value a `debug.<stage>` output copies (through the Identity nodes the debug taps add). */
+function debugSource(graph: Graph, output: string): string {
+  let name = output;
+  for (;;) {
+    const node = graph.nodes.find((n) => n.outputs[0] === name);
+    if (node === undefined || node.opType !== 'Identity') return name;
+    name = node.inputs[0]!;
+  }
+}

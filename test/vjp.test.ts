@@ -1,0 +1,222 @@
+/**
+ * The UNet VJP (models/networks/unet-vjp.ts through `Sd15Engine.runUnetVjp`) against the reference
+ * gradients of tiny-sd15-ref `vjp/*`: L = Σ cot_x·xattn + Σ cot_s·selfattn on the 1/32-grid maps,
+ * grad_sample = ∂L/∂sample from torch autograd (batch 1 and a CFG batch of 2, a kohya LoRA active
+ * through the adapter bank, the cross-attention term alone, and the per-stage debug gradients).
+ * Plus a float32 finite-difference check of the same gradient along random directions, and the
+ * VJP graph's structure: what it prunes, its inputs, determinism, op coverage.
+ */
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { AdapterStack, Sd15Engine, openSafetensors, type AdapterUse, type LoadedLora, type Tensor } from '../models/index.ts';
+import { parseUnetConfig } from '../models/networks/config.ts';
+import { buildUnetGraph } from '../models/networks/unet.ts';
+import { buildUnetMapsGraph, buildUnetVjpGraph } from '../models/networks/unet-vjp.ts';
+import { dumpGraph } from '../models/onnx/dump.ts';
+import { serializeModel } from '../models/onnx/serialize.ts';
+import { vjpOpTypes } from '../models/onnx/vjp.ts';
+import { NON_DIFFERENTIABLE } from '../models/onnx/vjp-rules.ts';
+import type { Graph } from '../models/onnx/builder.ts';
+import { FIXTURES, REF, assertClose, refCases } from './fixtures.ts';
+
+const MODEL = path.join(FIXTURES, 'tiny-sd15');
+const LORAS = path.join(FIXTURES, 'tiny-sd15-lora');
+const tinyUnet = () => parseUnetConfig(JSON.parse(fs.readFileSync(path.join(MODEL, 'unet/config.json'), 'utf-8')), 'unet/config.json');
+
+/**
+ * Finite-difference check of the whole tiny UNet: three seeded N(0, 1) directions, ε = 1e-3,
+ * L evaluated in float64 from the float32 maps. The float32 noise of L (~1e-6, the fixtures' fp32
+ * vs fp64 loss error) over 2ε is ~1e-3 of a directional derivative of order 1, so 1e-2 relative.
+ */
+const FD_EPS = 1e-3;
+const FD_REL_TOL = 1e-2;
+
+const dot = (a: ArrayLike<number>, b: ArrayLike<number>) => {
+  let s = 0;
+  for (let i = 0; i < a.length; i++) s += a[i]! * b[i]!;
+  return s;
+};
+
+describe('UNet VJP matches the reference gradients (tiny-sd15-ref vjp/*)', () => {
+  let engine: Sd15Engine;
+  let lora: LoadedLora;
+  const cacheDir = fs.mkdtempSync(path.join(os.tmpdir(), 'chorus-vjp-'));
+  const ref = openSafetensors(path.join(REF, 'vjp.safetensors'));
+  const cases = refCases('vjp');
+
+  before(() => {
+    engine = Sd15Engine.open(MODEL, { device: 'cpu', cacheDir });
+    lora = engine.loadLora(path.join(LORAS, 'lora_kohya_a.safetensors'));
+  });
+  after(async () => {
+    ref.close();
+    await engine.dispose();
+    fs.rmSync(cacheDir, { recursive: true, force: true });
+  });
+
+  const inputsOf = (c: (typeof cases)[number]) => {
+    const read = (k: string) => ref.readFloat32(c.inputs[k]!.key);
+    return {
+      unet: { sample: read('sample'), timestep: read('timestep'), encoderHiddenStates: read('encoder_hidden_states') },
+      cotangents: { xattn: read('cot_x'), selfattn: read('cot_s') },
+    };
+  };
+  const expected = (c: (typeof cases)[number], name: string) => ref.readFloat32(c.outputs[name]!.key).data;
+
+  test('the fixture has the four cases', () => {
+    assert.deepEqual(cases.map((c) => c.id).sort(), ['vjp/b1_t500', 'vjp/b1_t500_lora_kohya_a@1.0', 'vjp/b1_t500_xattn_only', 'vjp/b2_t800_cfg']);
+  });
+
+  for (const c of cases) {
+    const loraCase = c.lora !== undefined;
+    const modes: readonly ('bank' | 'merged' | undefined)[] = loraCase ? ['bank', 'merged'] : [undefined];
+    for (const mode of modes) {
+      test(`${c.id}${mode === undefined ? '' : ` (${mode})`}: maps, loss and grad_sample`, async (t) => {
+        const { unet, cotangents } = inputsOf(c);
+        let adapters: AdapterUse | undefined;
+        if (mode !== undefined) {
+          const { multiplier } = c.lora as { multiplier: number };
+          const stack = new AdapterStack([{ path: lora.path, name: lora.name, modules: lora.modules, te: multiplier, unet: multiplier }]);
+          adapters = mode === 'bank' ? { mode, stack, mix: [stack.strengths('unet')] } : { mode, stack };
+        }
+        const out = await engine.runUnetVjp(unet, cotangents, adapters);
+        const tol = c.tolerance;
+        const dx = assertClose(out.xattn.data, expected(c, 'xattn'), tol.taps_atol!, `${c.id} xattn`);
+        const ds = assertClose(out.selfattn.data, expected(c, 'selfattn'), tol.taps_atol!, `${c.id} selfattn`);
+        const loss = dot(cotangents.xattn.data, out.xattn.data) + dot(cotangents.selfattn.data, out.selfattn.data);
+        const dl = assertClose([loss], expected(c, 'loss'), tol.loss_atol!, `${c.id} loss`);
+        const dg = assertClose(out.gradSample.data, expected(c, 'grad_sample'), tol.atol!, `${c.id} grad_sample`);
+        assert.deepEqual(out.gradSample.shape, unet.sample.shape);
+        let extra = '';
+        if (c.outputs.grad_latent !== undefined) {
+          // sample = cat([z, z]): dL/dz = grad_sample[0] + grad_sample[1].
+          const n = out.gradSample.data.length / 2;
+          const latent = Float32Array.from({ length: n }, (_, i) => out.gradSample.data[i]! + out.gradSample.data[n + i]!);
+          extra = `, grad_latent ${assertClose(latent, expected(c, 'grad_latent'), tol.atol!, `${c.id} grad_latent`).toExponential(2)}`;
+        }
+        t.diagnostic(`max |diff|: xattn ${dx.toExponential(2)}, selfattn ${ds.toExponential(2)}, loss ${dl.toExponential(2)}, grad_sample ${dg.toExponential(2)} (atol ${tol.atol})${extra}`);
+      });
+    }
+  }
+
+  test('vjp/b1_t500: per-stage gradients dL/d(conv_in, down_blocks.0–2, mid_block, up_blocks.0)', async (t) => {
+    const c = cases.find((k) => k.id === 'vjp/b1_t500')!;
+    const { unet, cotangents } = inputsOf(c);
+    const out = await engine.runUnetVjp(unet, cotangents, undefined, { debugGradients: true });
+    const stages = Object.keys(c.outputs).filter((k) => k.startsWith('debug.grad.'));
+    assert.equal(stages.length, 6);
+    const diffs = stages.map((k) => `${k.slice(11)} ${assertClose(out.debugGradients[k]!.data, expected(c, k), c.tolerance.debug_grads_atol!, `${c.id} ${k}`).toExponential(2)}`);
+    t.diagnostic(`max |diff|: ${diffs.join(', ')}`);
+    // The debug variant's main output is the same gradient.
+    assertClose(out.gradSample.data, expected(c, 'grad_sample'), c.tolerance.atol!, `${c.id} grad_sample (debug variant)`);
+  });
+
+  test('the gradient agrees with finite differences of L along random directions', async (t) => {
+    const c = cases.find((k) => k.id === 'vjp/b1_t500')!;
+    const { unet, cotangents } = inputsOf(c);
+    const { gradSample } = await engine.runUnetVjp(unet, cotangents);
+    const loss = async (sample: Tensor<'float32'>) => {
+      const maps = await engine.runUnet({ ...unet, sample }, { attentionMaps: { level: 2 } });
+      return dot(cotangents.xattn.data, maps.xattn!.data) + dot(cotangents.selfattn.data, maps.selfattn!.data);
+    };
+    let seed = 6400;
+    const uniform = () => ((seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) / 4294967296);
+    const normal = () => Math.sqrt(-2 * Math.log(uniform() + 1e-12)) * Math.cos(2 * Math.PI * uniform());
+    const x = unet.sample.data;
+    const fd: number[] = [];
+    const an: number[] = [];
+    for (let k = 0; k < 3; k++) {
+      const v = Float32Array.from({ length: x.length }, normal);
+      const plus = Float32Array.from(x, (xi, i) => xi + FD_EPS * v[i]!);
+      const minus = Float32Array.from(x, (xi, i) => xi - FD_EPS * v[i]!);
+      fd.push((await loss({ ...unet.sample, data: plus })) - (await loss({ ...unet.sample, data: minus })));
+      an.push(dot(gradSample.data, Float32Array.from(plus, (p, i) => p - minus[i]!)));
+    }
+    const norm = (a: readonly number[]) => Math.sqrt(dot(a, a));
+    const rel = norm(fd.map((d, k) => d - an[k]!)) / Math.max(norm(fd), norm(an));
+    const list = (a: readonly number[]) => a.map((d) => d.toExponential(5)).join(', ');
+    assert.ok(rel <= FD_REL_TOL, `finite differences [${list(fd)}] vs VJP [${list(an)}]: relative error ${rel.toExponential(2)} > ${FD_REL_TOL}`);
+    t.diagnostic(`finite differences [${list(fd)}], VJP [${list(an)}], relative error ${rel.toExponential(2)}`);
+  });
+
+  test('rejects cotangents of the wrong shape, naming the input', async () => {
+    const { unet, cotangents } = inputsOf(cases[0]!);
+    const bad = { ...cotangents, selfattn: { ...cotangents.selfattn, shape: [1, 64, 77] } };
+    await assert.rejects(engine.runUnetVjp(unet, bad), (e: Error & { code?: string }) => e.code === 'SHAPE_MISMATCH' && /cot\.selfattn|selfattn must be \[1, 64, 64\]/.test(e.message));
+  });
+});
+
+describe('UNet VJP graph', () => {
+  const plain = () => buildUnetVjpGraph(tinyUnet(), { level: 2 });
+
+  test('reads the forward inputs and the cotangents, outputs the maps and grad_sample', () => {
+    const g = plain();
+    assert.deepEqual(g.inputs.map((i) => `${i.name}: [${i.shape?.join(', ')}]`), [
+      'sample: [batch, 4, height, width]',
+      'timestep: [timestep_batch]',
+      'encoder_hidden_states: [batch, sequence, 32]',
+      'cot.xattn: [batch, queries, sequence]',
+      'cot.selfattn: [batch, queries, queries]',
+    ]);
+    assert.deepEqual(g.outputs.map((o) => o.name), ['xattn', 'selfattn', 'grad_sample']);
+  });
+
+  test('stops after the last map layer and differentiates only what depends on sample', () => {
+    const g = plain();
+    const names = g.nodes.map((n) => n.name);
+    for (const pruned of ['up_blocks.1.upsamplers.', 'up_blocks.2.', 'up_blocks.3.', 'conv_norm_out', 'conv_out', 'up_blocks.1.attentions.2.transformer_blocks.0.ff', 'up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_out', 'up_blocks.1.attentions.2.proj_out']) {
+      assert.ok(!names.some((n) => n.startsWith(pruned)), `${pruned} is pruned`);
+    }
+    assert.ok(names.includes('up_blocks.1.attentions.2.transformer_blocks.0.attn2/Softmax'));
+    assert.ok(!g.params.some((p) => p.name.startsWith('conv_out.')), 'conv_out weights are not read');
+    // The time embedding and the text keys/values are recomputed, not differentiated.
+    assert.ok(names.some((n) => n.startsWith('time_embedding.')));
+    assert.ok(!names.some((n) => n.startsWith('grad.time_embedding') || (n.startsWith('grad.') && n.includes('time_emb_proj/'))));
+    assert.ok(!names.some((n) => n.startsWith('grad.') && /attn2\.to_[kv]\//.test(n)));
+    // Static shapes decide every broadcast reduction (no run-time axes).
+    assert.ok(!g.nodes.some((n) => n.opType === 'NonZero'));
+  });
+
+  test('the truncated forward (maps only) is the VJP graph\'s forward part', () => {
+    const forward = buildUnetMapsGraph(tinyUnet(), { level: 2 });
+    const vjp = plain();
+    assert.deepEqual(forward.outputs.map((o) => o.name), ['xattn', 'selfattn']);
+    assert.deepEqual(vjp.nodes.slice(0, forward.nodes.length), forward.nodes);
+    assert.ok(vjp.nodes.slice(forward.nodes.length).every((n) => n.name.startsWith('grad') || n.name.startsWith('output/')), 'then only backward nodes');
+  });
+
+  test('with the adapter bank, reads the LoRA inputs of the layers before the cut only', () => {
+    const g = buildUnetVjpGraph(tinyUnet(), { level: 2, adapterBank: true });
+    const inputs = new Set(g.inputs.map((i) => i.name));
+    assert.ok(inputs.has('lora_mix'));
+    assert.ok(inputs.has('lora.down_blocks.0.resnets.0.conv1.down'));
+    assert.ok(inputs.has('lora.up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_k.down'));
+    assert.ok(!inputs.has('lora.up_blocks.1.attentions.2.transformer_blocks.0.ff.net.2.down'));
+    assert.ok(![...inputs].some((i) => i.startsWith('lora.up_blocks.2.') || i.startsWith('lora.up_blocks.3.')));
+    // The bank path is differentiated: its MatMul/Conv on x have backward nodes.
+    assert.ok(g.nodes.some((n) => n.name.startsWith('grad.down_blocks.0.resnets.0.conv1/Conv_1')));
+  });
+
+  test('is deterministic (same dump, same bytes) and its dump is reviewable', () => {
+    const bytes = (g: Graph) =>
+      serializeModel(g, (p) => ({ dtype: p.dtype, data: { kind: 'external', location: 'weights.bin', offset: 0, length: p.shape.reduce((a, b) => a * b, 4) } }));
+    const a = plain();
+    const b = plain();
+    assert.equal(dumpGraph(a), dumpGraph(b));
+    assert.deepEqual(bytes(a), bytes(b));
+    const dump = dumpGraph(a);
+    assert.match(dump, /^grad\.up_blocks\.1\.attentions\.2\.transformer_blocks\.0\.attn2\/Softmax\/Mul = Mul\(/m);
+    assert.match(dump, /^grad\.down_blocks\.1\.downsamplers\.0\.conv\/Conv\/ConvTranspose = ConvTranspose\(.*output_padding=\[1, 1\]/m);
+    assert.match(dump, /^grad_sample = Identity\(/m);
+  });
+
+  test('every op the UNet variants emit has a VJP rule or carries no gradient', () => {
+    const covered = new Set([...vjpOpTypes(), ...NON_DIFFERENTIABLE]);
+    const variants = [{}, { adapterBank: true }, { adapterBank: true, regions: true }, { attentionMaps: { level: 2 } }, { attentionProbs: ['down_blocks.0.attentions.0.transformer_blocks.0.attn1'] }];
+    const ops = new Set(variants.flatMap((v) => buildUnetGraph(tinyUnet(), v).nodes.map((n) => n.opType)));
+    assert.deepEqual([...ops].filter((op) => !covered.has(op)), []);
+  });
+});
