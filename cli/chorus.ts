@@ -4,10 +4,13 @@
  * 2 a usage error.
  */
 import { isModelError } from '../models/index.ts';
-import { isPipelineError } from '../pipelines/index.ts';
+import { isPipelineError, isQueueError } from '../pipelines/index.ts';
 import { runDebug } from './commands/debug.ts';
 import { runInspect } from './commands/inspect.ts';
 import { runGenerate } from './commands/generate.ts';
+import { runBatch } from './commands/batch.ts';
+import { runQueueCommand } from './commands/queue.ts';
+import { runServe } from './commands/serve.ts';
 import { UsageError } from './args.ts';
 
 const HELP = `chorus — compose several LoRAs in one Stable Diffusion 1.5 image, locally.
@@ -15,7 +18,14 @@ const HELP = `chorus — compose several LoRAs in one Stable Diffusion 1.5 image
 Usage:
   chorus generate --model <path> --prompt "<text>" [options]
                                             text to image (chorus generate --help for options)
+  chorus serve [--port N] [--models <dir>]  the app in your browser, on 127.0.0.1 with a per-launch token
+                                            (chorus serve --help for options)
   chorus inspect <model>                    what a model folder or checkpoint holds, and its configs
+  chorus batch <jobs.jsonl> [--grid <spec>] [--out <dir>]
+                                            render a job file through the durable queue; the same
+                                            command again resumes it (chorus batch --help)
+  chorus queue list|show|cancel|retry|pause|resume
+                                            the batch queue (chorus queue --help)
   chorus debug run <graph> --model <path> --inputs <in.safetensors> --out <out.safetensors>
                                             run one graph on tensors (graph: text-encoder | unet |
                                             vae-decoder | vae-encoder); for checking Chorus against
@@ -37,6 +47,12 @@ export async function main(argv: readonly string[]): Promise<number> {
         return await runGenerate(rest);
       case 'inspect':
         return await runInspect(rest);
+      case 'batch':
+        return await runBatch(rest);
+      case 'queue':
+        return await runQueueCommand(rest);
+      case 'serve':
+        return await runServe(rest);
       case 'debug':
         return await runDebug(rest);
       case undefined:
@@ -53,7 +69,7 @@ export async function main(argv: readonly string[]): Promise<number> {
       process.stderr.write(`error: ${e.message}\n\n${HELP}`);
       return 2;
     }
-    if (isModelError(e) || isPipelineError(e)) {
+    if (isModelError(e) || isPipelineError(e) || isQueueError(e)) {
       process.stderr.write(`error [${e.code}]: ${e.message}\n`);
       return 1;
     }

@@ -88,7 +88,7 @@ export const MAX_REGIONS = 16;
 
 function normalizeRegions(regions: readonly JobRegion[] | undefined, width: number, height: number): JobRegion[] {
   const list = regions ?? [];
-  if (list.length > MAX_REGIONS) throw new PipelineError('BAD_ARGUMENT', `at most ${MAX_REGIONS} regions, got ${list.length}.`, { field: 'regions' });
+  if (list.length > MAX_REGIONS) throw new PipelineError('BAD_ARGUMENT', `regions: at most ${MAX_REGIONS} regions, got ${list.length}.`, { field: 'regions' });
   return list.map((r, i) => {
     const field = `regions[${i}]`;
     if (typeof r.prompt !== 'string') throw new PipelineError('BAD_PROMPT', `${field}.prompt must be text.`, { field: `${field}.prompt` });
@@ -107,14 +107,14 @@ function normalizeRegions(regions: readonly JobRegion[] | undefined, width: numb
       }
     }
     if (r.mask !== undefined && (typeof r.mask !== 'string' || r.mask === '')) throw new PipelineError('BAD_ARGUMENT', `${field}.mask must be a PNG file path.`, { field: `${field}.mask` });
-    const lora = r.lora === undefined ? undefined : normalizeLoras([r.lora])[0];
+    const lora = r.lora === undefined ? undefined : normalizeLoras([r.lora], () => `${field}.lora`)[0];
     return { ...r, ...(lora === undefined ? {} : { lora }) };
   });
 }
 
 function normalizeStrategy(spec: StrategySpec | undefined): StrategySpec {
   const s = spec ?? { name: 'plain' };
-  if (!STRATEGY_NAMES.includes(s.name)) throw new PipelineError('BAD_ARGUMENT', `strategy must be one of ${STRATEGY_NAMES.join(', ')}, got ${JSON.stringify(s.name)}.`, { field: 'strategy.name' });
+  if (!STRATEGY_NAMES.includes(s.name)) throw new PipelineError('BAD_ARGUMENT', `strategy.name must be one of ${STRATEGY_NAMES.join(', ')}, got ${JSON.stringify(s.name)}.`, { field: 'strategy.name' });
   const whole = (field: 'switchEvery' | 'cacheInterval', min: number) => {
     const v = s[field];
     if (v !== undefined && (!Number.isInteger(v) || v < min)) throw new PipelineError('BAD_ARGUMENT', `strategy.${field} must be a whole number ≥ ${min}, got ${v}.`, { field: `strategy.${field}` });
@@ -145,12 +145,14 @@ export type JobInput = Partial<Omit<GenerateJob, 'seed'>> & { model: string; pro
 /** LoRA strengths beyond ±10 are almost certainly typos; A1111's UI slider spans −1…2. */
 const MAX_LORA_STRENGTH = 10;
 
-function normalizeLoras(loras: readonly JobLora[] | undefined): JobLora[] {
+/** `fieldOf(i)` names entry i in messages (`loras[1]`, `regions[0].lora`). */
+function normalizeLoras(loras: readonly JobLora[] | undefined, fieldOf = (i: number) => `loras[${i}]`): JobLora[] {
   return (loras ?? []).map((l, i) => {
-    if (typeof l.name !== 'string' || l.name.trim() === '') throw new PipelineError('BAD_ARGUMENT', `loras[${i}]: a LoRA needs a name or a path.`, { field: `loras[${i}].name` });
+    const field = fieldOf(i);
+    if (typeof l.name !== 'string' || l.name.trim() === '') throw new PipelineError('BAD_ARGUMENT', `${field}.name: a LoRA needs a name or a path.`, { field: `${field}.name` });
     for (const k of ['te', 'unet'] as const) {
       if (!Number.isFinite(l[k]) || Math.abs(l[k]) > MAX_LORA_STRENGTH) {
-        throw new PipelineError('BAD_ARGUMENT', `loras[${i}] (${l.name}): ${k} strength must be a number from −${MAX_LORA_STRENGTH} to ${MAX_LORA_STRENGTH}, got ${l[k]}.`, { field: `loras[${i}].${k}` });
+        throw new PipelineError('BAD_ARGUMENT', `${field}.${k} (${l.name}): strength must be a number from −${MAX_LORA_STRENGTH} to ${MAX_LORA_STRENGTH}, got ${l[k]}.`, { field: `${field}.${k}` });
       }
     }
     return { name: l.name, te: l.te, unet: l.unet };
@@ -205,7 +207,7 @@ export function normalizeJob(input: JobInput): GenerateJob {
     regions: normalizeRegions(input.regions, input.width ?? JOB_DEFAULTS.width, input.height ?? JOB_DEFAULTS.height),
   };
   if (!['auto', 'bank', 'merged'].includes(job.loraMode)) throw new PipelineError('BAD_ARGUMENT', `loraMode must be auto, bank or merged, got ${JSON.stringify(job.loraMode)}.`, { field: 'loraMode' });
-  if (typeof job.negativePrompt !== 'string') throw new PipelineError('BAD_PROMPT', 'negative prompt must be text.', { field: 'negativePrompt' });
+  if (typeof job.negativePrompt !== 'string') throw new PipelineError('BAD_PROMPT', 'negativePrompt must be text.', { field: 'negativePrompt' });
   if (!Number.isFinite(job.cfgScale) || job.cfgScale < 0 || job.cfgScale > 100) {
     throw new PipelineError('BAD_ARGUMENT', `cfgScale must be a number from 0 to 100, got ${job.cfgScale}.`, { field: 'cfgScale', value: job.cfgScale });
   }
