@@ -1,8 +1,8 @@
 /**
  * Heterogeneous batching: 8 jobs with 8 different LoRA stacks (and prompts, seeds, CFG) on the tiny
  * model, rendered one by one (`generate` per job) and batched (`generateBatched`: one denoising
- * loop, one UNet call per step for all 8), in one run, as a ratio. Both paths do the same work
- * around the loop (LoRA loading, prompt encoding, decoding).
+ * loop, one UNet call per step for all 8), in one run, alternating, as a ratio of medians. Both paths
+ * do the same work around the loop (LoRA loading, prompt encoding, decoding).
  *
  * Correctness first: each batched job's final latents must match its one-by-one run within 1e-4.
  *
@@ -20,8 +20,8 @@ import { normalizeJob, type GenerateJob, type JobLora } from '../pipelines/job.t
 import { engineModels, type SdModels } from '../pipelines/models.ts';
 import { generate } from '../pipelines/text-to-image.ts';
 import { FIXTURES } from '../test/fixtures.ts';
-import { runConditions } from './run-conditions.ts';
-import { timeRuns } from './timing-stats.ts';
+import { loadAvg1m, runConditions } from './run-conditions.ts';
+import { timingStats } from './timing-stats.ts';
 
 const MODEL = path.join(FIXTURES, 'tiny-sd15');
 const LORA_DIR = path.join(FIXTURES, 'tiny-sd15-lora');
@@ -98,15 +98,30 @@ try {
       process.exitCode = 1;
       break;
     }
-    // 2–3. warm up and time, both variants in this run.
-    const single = await timeRuns(warmup, runs, () => oneByOne(jobs, models));
-    const batched = await timeRuns(warmup, runs, () => generateBatched(jobs, models));
-    const ratio = single.timing.medianMs / batched.timing.medianMs;
-    const common = { jobs: jobs.length, stacks: STACKS.map((s) => s.map((l) => `${l.name}:${l.te}/${l.unet}`).join('+') || 'none'), sizePx, steps, sampler: 'DPM++ 2M', device: await provider() };
-    emit({ record: 'batch_one_by_one', ...common, unetCallsPerRender: aloneCalls, ...single });
-    emit({ record: 'batch_batched', ...common, unetCallsPerRender: batchedCalls, maxAbsDiffFinalLatents: maxDiff, ...batched });
+    // 2–3. warm up, then time the two variants alternately (so load from other processes hits both alike).
+    for (let i = 0; i < warmup; i++) {
+      await oneByOne(jobs, models);
+      await generateBatched(jobs, models);
+    }
+    const samples = { single: [] as number[], batched: [] as number[] };
+    const load = [loadAvg1m()];
+    for (let i = 0; i < runs; i++) {
+      let t0 = performance.now();
+      await oneByOne(jobs, models);
+      samples.single.push(performance.now() - t0);
+      t0 = performance.now();
+      await generateBatched(jobs, models);
+      samples.batched.push(performance.now() - t0);
+    }
+    load.push(loadAvg1m());
+    const single = timingStats(samples.single);
+    const batched = timingStats(samples.batched);
+    const ratio = single.medianMs / batched.medianMs;
+    const common = { jobs: jobs.length, stacks: STACKS.map((s) => s.map((l) => `${l.name}:${l.te}/${l.unet}`).join('+') || 'none'), sizePx, steps, sampler: 'DPM++ 2M', device: await provider(), load1m: load };
+    emit({ record: 'batch_one_by_one', ...common, unetCallsPerRender: aloneCalls, timing: single });
+    emit({ record: 'batch_batched', ...common, unetCallsPerRender: batchedCalls, maxAbsDiffFinalLatents: maxDiff, timing: batched });
     emit({ record: 'batch_ratio', ...common, oneByOneOverBatched: Math.round(ratio * 100) / 100 });
-    log(`${sizePx}×${sizePx}, ${steps} steps, 8 jobs: one by one ${single.timing.medianMs.toFixed(0)} ms (${aloneCalls} UNet calls), batched ${batched.timing.medianMs.toFixed(0)} ms (${batchedCalls} calls); ${ratio.toFixed(2)}× faster batched; max |Δ latents| ${maxDiff}`);
+    log(`${sizePx}×${sizePx}, ${steps} steps, 8 jobs: one by one ${single.medianMs.toFixed(0)} ms (±${single.madMs.toFixed(0)}, ${aloneCalls} UNet calls), batched ${batched.medianMs.toFixed(0)} ms (±${batched.madMs.toFixed(0)}, ${batchedCalls} calls); ${ratio.toFixed(2)}× faster batched; max |Δ latents| ${maxDiff}; load ${load.join('→')}`);
   }
 } finally {
   await engine.dispose();

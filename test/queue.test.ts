@@ -22,7 +22,7 @@ import { QueueError } from '../pipelines/queue/errors.ts';
 import { engineModelSource, type ModelSource } from '../pipelines/queue/model-source.ts';
 import { planOutputs } from '../pipelines/queue/outputs.ts';
 import { runQueue, type RunnerEvent } from '../pipelines/queue/runner.ts';
-import { DEFAULT_LEASE_MS, JobQueue, defaultDataDir, type EnqueueJob, type QueueOwner } from '../pipelines/queue/store.ts';
+import { DEFAULT_LEASE_MS, JobQueue, SAME_HOST_GRACE_MS, defaultDataDir, type EnqueueJob, type QueueOwner } from '../pipelines/queue/store.ts';
 import { FIXTURES } from './fixtures.ts';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
@@ -187,6 +187,22 @@ describe('leases between processes', () => {
     assert.equal(local.get(id!).state, 'queued');
     remote.dispose();
     local.dispose();
+  });
+
+  test('a live process on this host keeps its job past its lease (it may be blocked), until the grace period ends', () => {
+    const file = newDb();
+    let now = 1_000_000;
+    const clock = () => now;
+    const busy = JobQueue.open({ file, now: clock, leaseMs: 1000, owner: { host: os.hostname(), pid: process.pid, token: 'busy' } });
+    const other = JobQueue.open({ file, now: clock, leaseMs: 1000, owner: { host: os.hostname(), pid: process.pid + 1_000_000, token: 'other' } });
+    const [id] = enqueueJobs(busy, [{}]);
+    busy.claim();
+    now += 1000 + SAME_HOST_GRACE_MS - 1;
+    assert.deepEqual(other.recoverStale(), []);
+    now += 2;
+    assert.deepEqual(other.recoverStale().map((r) => r.job.id), [id]);
+    busy.dispose();
+    other.dispose();
   });
 
   test('the default lease is far longer than the heartbeat', () => {

@@ -189,7 +189,25 @@ const objectOf =
 
 const LORA_FIELDS = { name: isString, te: isNumber, unet: isNumber };
 const isLora = objectOf(LORA_FIELDS);
-const STRATEGY_FIELDS = { name: isString, switchEvery: isNumber, cacheInterval: isNumber, frequencyClasses: arrayOf(isString), phaseRule: isString, official: isBoolean };
+/** A JSON object whose contents the strategy's own validation (in `normalizeJob`) checks. */
+const isObject: Check = (v, f) => {
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) fail(f, `must be an object, got ${describe(v)}.`);
+};
+const STRATEGY_FIELDS = {
+  name: isString,
+  switchEvery: isNumber,
+  cacheInterval: isNumber,
+  frequencyClasses: arrayOf(isString),
+  phaseRule: isString,
+  official: isBoolean,
+  concepts: arrayOf(isObject),
+  clora: isObject,
+  loraComposer: isObject,
+} as const;
+// Every StrategySpec knob must be readable from a job file: a knob added there without a check here
+// fails to compile, naming it.
+const EVERY_STRATEGY_KNOB_CHECKED: Exclude<keyof StrategySpec, keyof typeof STRATEGY_FIELDS> extends never ? true : Exclude<keyof StrategySpec, keyof typeof STRATEGY_FIELDS> = true;
+void EVERY_STRATEGY_KNOB_CHECKED;
 const isStrategy: Check = (v, f) => (typeof v === 'string' ? undefined : objectOf(STRATEGY_FIELDS)(v, f));
 const isBox: Check = (v, f) => {
   arrayOf(isNumber)(v, f);
@@ -251,6 +269,19 @@ function lora(spec: JobLoraSpecV1, resolve: (p: string) => string): JobLora {
   return { name: looksLikePath(spec.name) ? resolve(spec.name) : spec.name, te, unet: spec.unet ?? te };
 }
 
+/** Concept LoRAs (CLoRA, LoRA-Composer) get the same strength defaults and path resolution as the job's. */
+function withConceptLoras(strategy: Exclude<JobSpecV1['strategy'], string | undefined>, resolve: (p: string) => string): object {
+  const concepts = (strategy as { concepts?: unknown }).concepts;
+  if (!Array.isArray(concepts)) return strategy;
+  return {
+    ...strategy,
+    concepts: concepts.map((c: Record<string, unknown>) => {
+      const l = c.lora as JobLoraSpecV1 | undefined;
+      return typeof l === 'object' && l !== null && typeof l.name === 'string' ? { ...c, lora: lora(l, resolve) } : c;
+    }),
+  };
+}
+
 /**
  * Validate one spec (parsed JSON) and build its job. Throws `PipelineError` whose message starts
  * with `file:line: ` (when `source` is given) and the field path. A seed of −1 (or none) is drawn
@@ -264,7 +295,7 @@ export function parseJobSpec(value: unknown, options: ParseSpecOptions = {}): Jo
       fail('version', `this Chorus reads job spec version ${JOB_SPEC_VERSION}, the job says ${spec.version}${spec.version > JOB_SPEC_VERSION ? ' (written by a newer Chorus: update Chorus)' : ''}.`);
     }
     const resolve = (p: string) => (options.baseDir === undefined ? p : path.resolve(options.baseDir, p));
-    const strategy = spec.strategy === undefined ? undefined : typeof spec.strategy === 'string' ? { name: spec.strategy } : spec.strategy;
+    const strategy = spec.strategy === undefined ? undefined : typeof spec.strategy === 'string' ? { name: spec.strategy } : withConceptLoras(spec.strategy, resolve);
     const input: JobInput = {
       model: typeof spec.model === 'string' && spec.model !== '' ? resolve(spec.model) : spec.model,
       prompt: spec.prompt,

@@ -13,9 +13,10 @@
  * Crash safety rests on three rules:
  * 1. Ownership is a lease. A runner claims jobs in one write transaction, stamping its owner (host,
  *    pid, a random token) and `lease_until`, and renews the lease while it works (`heartbeat`).
- *    `recoverStale` re-queues a running job only when its lease has expired, or when its owner is a
- *    process on this host that no longer exists. A live runner's jobs are never taken, even by a
- *    second runner started at the same moment.
+ *    `recoverStale` re-queues a running job when its owner is a process of this host that no longer
+ *    exists (at once), or when its lease has expired (another host; on this host, a live pid gets
+ *    `SAME_HOST_GRACE_MS` more). A live runner's jobs are never taken, even by a second runner
+ *    started at the same moment.
  * 2. A job's files are named when it is queued (`outputs.ts`), written to a temp file and renamed
  *    into place first, then `complete` marks the job done and records the files in ONE transaction,
  *    and only if this owner still holds it. A crash between rename and commit leaves a complete file
@@ -131,6 +132,12 @@ export interface JobQueueOptions {
  * job of a process on another machine (or a recycled pid) waits.
  */
 export const DEFAULT_LEASE_MS = 30_000;
+/**
+ * A same-host owner whose process still exists keeps its jobs this long past its lease: it may be
+ * blocked (converting a checkpoint's weights runs synchronously) rather than gone. Only a recycled
+ * pid would keep a job that long.
+ */
+export const SAME_HOST_GRACE_MS = 10 * 60_000;
 /** Wait this long for another process's write transaction before failing with SQLITE_BUSY. */
 const BUSY_TIMEOUT_MS = 10_000;
 const QUEUE_FILE = 'queue.sqlite';
@@ -440,12 +447,17 @@ export class JobQueue {
     const now = this.#now();
     return this.#db.transaction(() => {
       const rows = this.#db.prepare(`SELECT * FROM jobs WHERE state = 'running' AND (owner_token IS NULL OR owner_token != ?)`).all(this.owner.token) as JobRow[];
-      const stale = rows.filter((r) => (r.lease_until ?? 0) < now || (r.owner_host === this.owner.host && r.owner_pid !== null && r.owner_pid !== this.owner.pid && !processExists(r.owner_pid)));
+      const stale = rows.filter((r) => {
+        const lease = r.lease_until ?? 0;
+        const sameHost = r.owner_host === this.owner.host && r.owner_pid !== null;
+        if (sameHost && r.owner_pid !== this.owner.pid && !processExists(r.owner_pid!)) return true;
+        return sameHost ? lease + SAME_HOST_GRACE_MS < now : lease < now;
+      });
       return stale.map((r) => {
         const state: JobState = r.request === 'cancel' ? 'cancelled' : r.request === 'pause' ? 'paused' : 'queued';
         this.#db.prepare(`UPDATE jobs SET state = ?, request = NULL, owner_host = NULL, owner_pid = NULL, owner_token = NULL, lease_until = NULL, finished_at = ? WHERE id = ?`).run(state, state === 'cancelled' ? now : null, r.id);
         const who = `${r.owner_host ?? '?'} pid ${r.owner_pid ?? '?'}`;
-        const why = (r.lease_until ?? 0) < now ? 'its lease expired' : 'that process no longer exists';
+        const why = r.owner_host === this.owner.host && r.owner_pid !== null && r.owner_pid !== this.owner.pid && !processExists(r.owner_pid) ? 'that process no longer exists' : 'its lease expired';
         this.#log(r.id, 'warn', `the runner (${who}) stopped while running it (${why}): ${state === 'queued' ? 're-queued' : state}`);
         return { job: this.get(r.id), state };
       });
