@@ -104,7 +104,8 @@ function writeAll(fd: number, bytes: Uint8Array): void {
  * biases are small.
  */
 export function randomParam(seed: number, p: ParamSpec): StreamedTensor {
-  const isNorm = /(^|\.)(norm\d*|conv_norm_out)\.(weight|bias)$/.test(p.name);
+  // UNet and VAE norms (`norm1`, `norm`, `conv_norm_out`, `group_norm`), CLIP's layer norms.
+  const isNorm = /(^|\.)(norm\d*|conv_norm_out|group_norm|layer_norm\d*|final_layer_norm)\.(weight|bias)$/.test(p.name);
   const isBias = p.name.endsWith('.bias');
   let fill: StreamedTensor['fill'];
   if (isNorm) {
@@ -218,6 +219,49 @@ function readMarker(file: string): Marker | undefined {
   const m = raw as Partial<Marker>;
   if (typeof m.generatorVersion !== 'number' || typeof m.seed !== 'number' || typeof m.listingHash !== 'string' || typeof m.unetBytes !== 'number') return undefined;
   return m as Marker;
+}
+
+/**
+ * A complete random SD 1.5 diffusers folder (UNet, CLIP ViT-L text encoder and VAE at their real
+ * sizes, from the `sd15-keys` listings; tokenizer and scheduler from the fixture, which carry the
+ * real vocabulary and SD 1.5 scheduler config), for benchmarks of the whole pipeline. The UNet is
+ * linked from the UNet-only folder so its 3.4 GB are written once.
+ */
+export function prepareRandomSd15FullModel(workDir: string, seed: number, log: (line: string) => void = () => {}): PreparedRandomModel {
+  const t0 = performance.now();
+  const unetOnly = prepareRandomSd15Model(workDir, seed, log);
+  const dir = path.join(workDir, `sd15-full-random-seed${seed}`);
+  const listings = {
+    text_encoder: readSd15UnetListing(path.join(FIXTURES, 'sd15-keys', 'text_encoder_diffusers.json')),
+    vae: readSd15UnetListing(path.join(FIXTURES, 'sd15-keys', 'vae_diffusers.json')),
+  };
+  const files = {
+    text_encoder: path.join(dir, 'text_encoder', 'model.safetensors'),
+    vae: path.join(dir, 'vae', 'diffusion_pytorch_model.safetensors'),
+  };
+  const markerFile = path.join(dir, MARKER_FILE);
+  const listingHash = `${listings.text_encoder.hash}-${listings.vae.hash}`;
+  const existing = readMarker(markerFile);
+  const complete = (m: Marker | undefined) =>
+    m !== undefined && m.generatorVersion === GENERATOR_VERSION && m.seed === seed && m.listingHash === listingHash && Object.values(files).every((f) => fs.existsSync(f));
+  if (complete(existing) && !unetOnly.generated) return { dir, generated: false, unetBytes: unetOnly.unetBytes, seconds: (performance.now() - t0) / 1000 };
+
+  fs.rmSync(dir, { recursive: true, force: true });
+  fs.mkdirSync(dir, { recursive: true });
+  fs.copyFileSync(path.join(TINY_MODEL_DIR, 'model_index.json'), path.join(dir, 'model_index.json'));
+  fs.symlinkSync(path.join(unetOnly.dir, 'unet'), path.join(dir, 'unet'), 'dir');
+  for (const component of ['tokenizer', 'scheduler']) fs.symlinkSync(path.join(TINY_MODEL_DIR, component), path.join(dir, component), 'dir');
+  for (const component of ['text_encoder', 'vae'] as const) {
+    const listing = listings[component];
+    fs.mkdirSync(path.join(dir, component));
+    fs.writeFileSync(path.join(dir, component, 'config.json'), `${JSON.stringify(listing.config, null, 2)}\n`);
+    log(`writing random SD 1.5 ${component} weights (seed ${seed}, ${listing.params.length} tensors)`);
+    const ordered = [...listing.params].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+    writeSafetensorsStreaming(files[component], ordered.map((p) => randomParam(seed, p)), { format: 'pt', generator: `chorus bench/random-weights.ts v${GENERATOR_VERSION}`, seed: String(seed) });
+  }
+  const marker: Marker = { generatorVersion: GENERATOR_VERSION, seed, listingHash, unetBytes: unetOnly.unetBytes };
+  fs.writeFileSync(markerFile, `${JSON.stringify(marker, null, 2)}\n`);
+  return { dir, generated: true, unetBytes: unetOnly.unetBytes, seconds: (performance.now() - t0) / 1000 };
 }
 
 /** Default place for generated models and the bench's weight cache (never inside the repo). */
