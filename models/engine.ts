@@ -26,7 +26,7 @@ import { loadLora, loraTargetsFromParams, type LoadedLora, type LdmModuleMap } f
 import { moduleLayers, unetModuleMap } from './keys/ldm.ts';
 import type { ParamPatch } from './weights.ts';
 import * as fs from 'node:fs';
-import { buildUnetVjpGraph, UNET_VJP_DEFAULT_LEVEL } from './networks/unet-vjp.ts';
+import { buildUnetMapsGraph, buildUnetVjpGraph, UNET_VJP_DEFAULT_LEVEL } from './networks/unet-vjp.ts';
 import { cotangentInput, gradientOutput } from './onnx/vjp.ts';
 
 export type GraphKind = 'text_encoder' | 'unet' | 'vae_decoder' | 'vae_encoder';
@@ -47,8 +47,17 @@ export interface UnetVariant {
   readonly shallow?: boolean;
   /** Region slots (see networks/unet.ts `regions`). */
   readonly regions?: boolean;
-  /** Head- and layer-averaged attention maps of one level: outputs `xattn`, `selfattn`. */
+  /**
+   * Head- and layer-averaged attention maps of one level: outputs `xattn`, `selfattn` (and
+   * `xattn_region` (B, R, N, S) with regions).
+   */
   readonly attentionMaps?: { readonly level: number };
+  /** With `attentionMaps`: only the part of the UNet the maps need (no `noise_pred`; see `buildUnetMapsGraph`). */
+  readonly mapsOnly?: boolean;
+  /** With `regions`: LoRA-Composer's self-attention isolation (see networks/unet.ts). */
+  readonly selfAttentionIsolation?: boolean;
+  /** With `regions` and LoRAs: each slot's output through its own to_out.0 adapters (see networks/unet.ts). */
+  readonly regionOutputAdapters?: boolean;
 }
 
 /** Region inputs of one UNet call (the regions variant). */
@@ -148,10 +157,14 @@ export interface UnetInput {
   readonly regions?: RegionInputs;
 }
 
-/** Cotangents of the attention maps for `runUnetVjp`: ∂L/∂xattn (B, N, S) and ∂L/∂selfattn (B, N, N). */
+/**
+ * Cotangents of the attention maps for `runUnetVjp`: ∂L/∂xattn (B, N, S), ∂L/∂selfattn (B, N, N),
+ * and with the regions variant ∂L/∂xattn_region (B, R, N, S_r).
+ */
 export interface UnetCotangents {
   readonly xattn: Tensor;
   readonly selfattn: Tensor;
+  readonly xattnRegion?: Tensor;
 }
 
 export interface UnetVjpVariant {
@@ -159,12 +172,18 @@ export interface UnetVjpVariant {
   readonly level?: number;
   /** Also return ∂L/∂(stage output) per UNet stage (see `networks/unet-vjp.ts`). */
   readonly debugGradients?: boolean;
+  /** The regions variant (`input.regions` required), with its build options. */
+  readonly regions?: boolean;
+  readonly selfAttentionIsolation?: boolean;
+  readonly regionOutputAdapters?: boolean;
 }
 
 export interface UnetVjpOutput {
   /** The maps at the given inputs (B, N, S) and (B, N, N). */
   readonly xattn: Tensor<'float32'>;
   readonly selfattn: Tensor<'float32'>;
+  /** The region slots' maps (B, R, N, S_r), with the regions variant. */
+  readonly xattnRegion?: Tensor<'float32'>;
   /** ∂L/∂sample, L = Σ cot.xattn·xattn + Σ cot.selfattn·selfattn; shaped like sample. */
   readonly gradSample: Tensor<'float32'>;
   /** `debug.grad.<stage>` when asked for. */
@@ -232,6 +251,16 @@ export class Sd15Engine {
           ...(variant.clipSkip !== undefined && variant.clipSkip >= 3 ? { extraClipSkips: [variant.clipSkip] } : {}),
         });
       case 'unet':
+        if (variant.mapsOnly === true) {
+          if (variant.attentionMaps === undefined) throw new ModelError('GRAPH_BUILD', 'the maps-only UNet needs attentionMaps (which level)', {});
+          return buildUnetMapsGraph(this.model.unet, {
+            level: variant.attentionMaps.level,
+            adapterBank,
+            ...(variant.regions === true ? { regions: true } : {}),
+            ...(variant.selfAttentionIsolation === true ? { selfAttentionIsolation: true } : {}),
+            ...(variant.regionOutputAdapters === true ? { regionOutputAdapters: true } : {}),
+          });
+        }
         return buildUnetGraph(this.model.unet, { ...variant, adapterBank });
       case 'vae_decoder':
         return buildVaeDecoderGraph(this.model.vae);
@@ -263,8 +292,9 @@ export class Sd15Engine {
 
   async #createSession(kind: GraphKind, variant: GraphVariant, patch: ParamPatch | undefined): Promise<OrtSession> {
     const graph = this.buildGraph(kind, variant);
-    // Variants that use a subset of the weights (the shallow UNet) share the full graph's weights file.
-    const weightsGraph = kind === 'unet' && variant.shallow === true ? this.buildGraph(kind, { ...variant, shallow: false }) : graph;
+    // Variants that use a subset of the weights (the shallow UNet, the maps-only UNet) share the full graph's weights file.
+    const weightsGraph =
+      kind === 'unet' && variant.shallow === true ? this.buildGraph(kind, { ...variant, shallow: false }) : kind === 'unet' && variant.mapsOnly === true ? this.buildGraph('unet') : graph;
     const bound = bindWeights(weightsGraph.params, this.model.weights(COMPONENT_OF[kind]));
     this.#reports.set(kind, bound.report);
     const prepared = prepareModelFiles(graph, bound, { cacheDir: this.cacheDir, component: kind, ...(patch === undefined ? {} : { patch }) });
@@ -295,7 +325,8 @@ export class Sd15Engine {
     const cacheKey = `${kind}|${adapters.stack.id}`;
     let feeds = this.#bankFeeds.get(cacheKey);
     if (feeds === undefined) {
-      feeds = bankFeeds(bankLayersOf(this.buildGraph(kind, bankVariant)), component, adapters.stack.entries);
+      // Every bank layer of the full graph: variants that read fewer (shallow, maps-only) get a subset at run time.
+      feeds = bankFeeds(bankLayersOf(this.buildGraph(kind, { adapterBank: true })), component, adapters.stack.entries);
       this.#bankFeeds.set(cacheKey, feeds);
     }
     return { session, feeds: { ...feeds, [LORA_MIX_INPUT]: mixTensor(adapters.mix, K) } };
@@ -362,13 +393,36 @@ export class Sd15Engine {
       throw new ModelError('SHAPE_MISMATCH', `timestep must hold 1 or ${batch} values, got ${t.data.length}.`, { input: 'timestep', shape: t.shape });
     }
     const { session, feeds } = await this.#withAdapters('unet', variant, adapters, batch);
-    if ((variant.regions === true) !== (input.regions !== undefined)) {
-      throw new ModelError('SHAPE_MISMATCH', variant.regions === true ? 'the regions UNet needs region inputs.' : 'region inputs need the regions UNet variant.', { input: 'region_context' });
+    const regionFeeds = this.#regionFeeds(input, variant.regions === true, adapters);
+    if ((variant.shallow === true) !== (input.deepFeature !== undefined)) {
+      throw new ModelError('SHAPE_MISMATCH', variant.shallow === true ? 'the shallow UNet needs the cached deep_feature input.' : 'deep_feature is only an input of the shallow UNet variant.', { input: 'deep_feature' });
+    }
+    const all: Record<string, Tensor> = {
+      ...feeds,
+      sample: f32(sample),
+      timestep: { dtype: 'float32', shape: [t.data.length], data: t.data },
+      encoder_hidden_states: f32(ctx),
+      ...(input.deepFeature === undefined ? {} : { deep_feature: f32(input.deepFeature) }),
+      ...regionFeeds,
+    };
+    // Variants that drop layers (shallow, maps-only) read only their own layers' inputs.
+    const wanted = new Set(session.inputNames);
+    for (const name of Object.keys(all)) if (!wanted.has(name)) delete all[name];
+    const out = await session.run(all);
+    const result: Record<string, Tensor<'float32'>> = {};
+    for (const [k, v] of Object.entries(out)) result[k] = f32(v);
+    return result;
+  }
+
+  /** The region-slot feeds of a call (the regions variant); throws SHAPE_MISMATCH when inputs and variant disagree. */
+  #regionFeeds(input: UnetInput, regionsVariant: boolean, adapters: AdapterUse | undefined): Record<string, Tensor> {
+    if (regionsVariant !== (input.regions !== undefined)) {
+      throw new ModelError('SHAPE_MISMATCH', regionsVariant ? 'the regions UNet needs region inputs.' : 'region inputs need the regions UNet variant.', { input: 'region_context' });
     }
     const regionFeeds: Record<string, Tensor> = {};
     if (input.regions !== undefined) {
       const r = input.regions;
-      const levels = c.blockOutChannels.length;
+      const levels = this.model.unet.blockOutChannels.length;
       if (r.masks.length !== levels || (r.mixMaps !== undefined && r.mixMaps.length !== levels)) {
         throw new ModelError('SHAPE_MISMATCH', `region masks (and LoRA maps) are needed for each of the ${levels} UNet levels, got ${r.masks.length}.`, { input: 'region_mask' });
       }
@@ -380,35 +434,22 @@ export class Sd15Engine {
         r.mixMaps.forEach((m, l) => (regionFeeds[`lora_mix_map.${l}`] = m));
       }
     }
-    if ((variant.shallow === true) !== (input.deepFeature !== undefined)) {
-      throw new ModelError('SHAPE_MISMATCH', variant.shallow === true ? 'the shallow UNet needs the cached deep_feature input.' : 'deep_feature is only an input of the shallow UNet variant.', { input: 'deep_feature' });
-    }
-    const out = await session.run({
-      ...feeds,
-      sample: f32(sample),
-      timestep: { dtype: 'float32', shape: [t.data.length], data: t.data },
-      encoder_hidden_states: f32(ctx),
-      ...(input.deepFeature === undefined ? {} : { deep_feature: f32(input.deepFeature) }),
-      ...regionFeeds,
-    });
-    const result: Record<string, Tensor<'float32'>> = {};
-    for (const [k, v] of Object.entries(out)) result[k] = f32(v);
-    return result;
+    return regionFeeds;
   }
 
   /**
    * The gradient of an attention-map loss with respect to the UNet input: one run of the VJP graph
    * of the truncated UNet (`networks/unet-vjp.ts`), which also returns the maps. The caller computes
    * L from the maps and passes its cotangents. LoRAs apply as in `runUnet` (bank or merged) and are
-   * active in the backward pass. Throws SHAPE_MISMATCH for inputs or cotangents of the wrong shape,
-   * and for region or deep-feature inputs (the VJP graph has none).
+   * active in the backward pass. With `variant.regions` the graph is the regions variant (region
+   * inputs required, `cotangents.xattnRegion` too). Throws SHAPE_MISMATCH for inputs or cotangents of
+   * the wrong shape, for region inputs without the regions variant, and for deep-feature inputs.
    */
   async runUnetVjp(input: UnetInput, cotangents: UnetCotangents, adapters?: AdapterUse, variant: UnetVjpVariant = {}): Promise<UnetVjpOutput> {
     const c = this.model.unet;
     const { sample, encoderHiddenStates: ctx } = input;
-    if (input.regions !== undefined || input.deepFeature !== undefined) {
-      throw new ModelError('SHAPE_MISMATCH', 'the UNet VJP takes no region or deep_feature inputs.', { input: input.regions !== undefined ? 'region_context' : 'deep_feature' });
-    }
+    if (input.deepFeature !== undefined) throw new ModelError('SHAPE_MISMATCH', 'the UNet VJP takes no deep_feature input.', { input: 'deep_feature' });
+    const regionFeeds = this.#regionFeeds(input, variant.regions === true, adapters);
     if (sample.shape.length !== 4 || sample.shape[1] !== c.inChannels) {
       throw new ModelError('SHAPE_MISMATCH', `sample must be (batch, ${c.inChannels}, height/8, width/8), got [${sample.shape.join(', ')}].`, { input: 'sample', shape: sample.shape });
     }
@@ -429,11 +470,20 @@ export class Sd15Engine {
     let [h, w] = [height, width];
     for (let l = 0; l < level; l++) [h, w] = [down(h), down(w)];
     const queries = h * w;
-    const expected = { xattn: [batch, queries, ctx.shape[1]!], selfattn: [batch, queries, queries] };
-    for (const map of ['xattn', 'selfattn'] as const) {
-      const got = cotangents[map].shape;
-      if (got.join(',') !== expected[map].join(',')) {
-        throw new ModelError('SHAPE_MISMATCH', `the cotangent of ${map} must be [${expected[map].join(', ')}] (batch, queries of level ${level}, keys), got [${got.join(', ')}].`, { input: cotangentInput(map), shape: got });
+    const expected: Record<string, number[]> = { xattn: [batch, queries, ctx.shape[1]!], selfattn: [batch, queries, queries] };
+    const given: Record<string, Tensor | undefined> = { xattn: cotangents.xattn, selfattn: cotangents.selfattn };
+    if (input.regions !== undefined) {
+      const [, regions, regionSeq] = input.regions.context.shape as [number, number, number];
+      expected.xattn_region = [batch, regions, queries, regionSeq];
+      given.xattn_region = cotangents.xattnRegion;
+    }
+    for (const [map, shape] of Object.entries(expected)) {
+      const got = given[map]?.shape;
+      if (got === undefined || got.join(',') !== shape.join(',')) {
+        throw new ModelError('SHAPE_MISMATCH', `the cotangent of ${map} must be [${shape.join(', ')}] (batch, ${map === 'xattn_region' ? 'regions, ' : ''}queries of level ${level}, keys), got ${got === undefined ? 'none' : `[${got.join(', ')}]`}.`, {
+          input: cotangentInput(map),
+          shape: got,
+        });
       }
     }
 
@@ -442,7 +492,12 @@ export class Sd15Engine {
     if (adapters !== undefined && adapters.mode === 'merged' && adapters.stack.size > 0) {
       patch = mergePatch('unet', adapters.stack.entries.map((e) => ({ identity: fileIdentity(e.path), name: e.name, modules: e.modules, strength: e.unet })));
     }
-    const options = { level, adapterBank: bank, debugGradients: variant.debugGradients === true };
+    const options = {
+      level,
+      adapterBank: bank,
+      debugGradients: variant.debugGradients === true,
+      ...(variant.regions === true ? { regions: true, selfAttentionIsolation: variant.selfAttentionIsolation === true, regionOutputAdapters: variant.regionOutputAdapters === true } : {}),
+    };
     const key = `unet_vjp|${JSON.stringify(options)}|${patch?.key ?? ''}`;
     let pending = this.#sessions.get(key);
     if (pending === undefined) {
@@ -464,6 +519,7 @@ export class Sd15Engine {
       encoder_hidden_states: f32(ctx),
       [cotangentInput('xattn')]: f32(cotangents.xattn),
       [cotangentInput('selfattn')]: f32(cotangents.selfattn),
+      ...(cotangents.xattnRegion === undefined || input.regions === undefined ? {} : { [cotangentInput('xattn_region')]: f32(cotangents.xattnRegion) }),
     };
     if (adapters !== undefined && adapters.mode === 'bank') {
       const K = adapters.stack.size;
@@ -476,15 +532,23 @@ export class Sd15Engine {
         all = bankFeeds(bankLayersOf(this.buildGraph('unet', { adapterBank: true })), 'unet', adapters.stack.entries);
         this.#bankFeeds.set(cacheKey, all);
       }
-      // The VJP graph reads only the bank layers before the cut.
-      const wanted = new Set(session.inputNames);
-      for (const [name, value] of Object.entries(all)) if (wanted.has(name)) feeds[name] = value;
+      for (const [name, value] of Object.entries(all)) feeds[name] = value;
       feeds[LORA_MIX_INPUT] = mixTensor(adapters.mix, K);
     }
+    Object.assign(feeds, regionFeeds);
+    // The VJP graph reads only the inputs of the layers before the cut.
+    const wanted = new Set(session.inputNames);
+    for (const name of Object.keys(feeds)) if (!wanted.has(name)) delete feeds[name];
     const out = await session.run(feeds);
     const debugGradients: Record<string, Tensor<'float32'>> = {};
     for (const [name, value] of Object.entries(out)) if (name.startsWith('debug.grad.')) debugGradients[name] = f32(value);
-    return { xattn: f32(out.xattn!), selfattn: f32(out.selfattn!), gradSample: f32(out[gradientOutput('sample')]!), debugGradients };
+    return {
+      xattn: f32(out.xattn!),
+      selfattn: f32(out.selfattn!),
+      ...(out.xattn_region === undefined ? {} : { xattnRegion: f32(out.xattn_region) }),
+      gradSample: f32(out[gradientOutput('sample')]!),
+      debugGradients,
+    };
   }
 
   /** VAE decoder on UNet-space latents (B, 4, h, w) → `decoder_output` and `image01` (B, 3, 8h, 8w). */

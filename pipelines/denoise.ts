@@ -4,18 +4,19 @@
  *
  *   x ← x_T · σ_init
  *   for each model evaluation i (timestep t_i):
- *     1. branches ← strategy.branches(i)
- *     2. x_in ← scheduler.scaleModelInput(x, i)
- *     3. run the denoiser on every branch, batched (branches with equal context length share calls)
+ *     1. x [, outputs] ← strategy.update(i, x, tools)   optional: gradient-guided latent updates
+ *     2. branches ← strategy.branches(i)                 (unless the update brought the outputs)
+ *     3. run the denoiser on x_in = scheduler.scaleModelInput(x, i) for every branch, batched
+ *        (branches with equal context length and pass share calls)
  *     4. ε ← strategy.combine(i, outputs)
  *     5. x ← scheduler.step(ε, i, x [, noise_i])        noise_i drawn only by ancestral schedulers
  *     6. report progress (and honour cancellation)
  */
 import type { AdapterStack, AdapterUse, RegionInputs, Tensor } from '../models/index.ts';
 import { PipelineError } from './errors.ts';
-import type { DenoiserModel } from './models.ts';
+import type { DenoiseMaps, DenoiseRequest, DenoiserModel } from './models.ts';
 import type { Scheduler } from './schedulers/types.ts';
-import type { Branch, BranchOutput, BranchRegions, StepContext, Strategy } from './strategies/types.ts';
+import type { Branch, BranchMaps, BranchOutput, BranchRegions, LatentTools, MapCotangents, StepContext, Strategy } from './strategies/types.ts';
 
 export interface DenoiseProgress {
   readonly evaluation: number;
@@ -95,69 +96,156 @@ function callAdapters(adapters: DenoiseRun<unknown>['adapters'], branches: reado
   return { mode, stack, mix: branches.flatMap((b) => Array.from({ length: batch }, (_, i) => b.imageMixes?.[i] ?? b.mix ?? defaults)) };
 }
 
+/** One denoiser call: the branches it evaluates (index in the step's list) and its request. */
+interface PlannedCall {
+  readonly members: readonly number[];
+  readonly request: DenoiseRequest;
+}
+
 /**
- * Step 3: evaluate every branch on the whole batch. Branches that can share a UNet call (same
- * context length, same pass: full, full keeping its deep feature, or shallow) are stacked into one
- * call of up to `maxBatch` samples; outputs come back per branch.
+ * Step 3's plan: branches that can share a UNet call (same context length, same pass: full, full
+ * keeping its deep feature, shallow, or regions with the same slot length and options) are stacked
+ * into one call of up to `maxBatch` samples.
  */
-async function runBranches(
-  denoiser: DenoiserModel,
-  branches: readonly Branch[],
-  modelInput: Float32Array,
-  shape: readonly number[],
-  timestep: number,
-  maxBatch: number,
-  adapters: DenoiseRun<unknown>['adapters'],
-): Promise<BranchOutput[]> {
+function planCalls(branches: readonly Branch[], modelInput: Float32Array, shape: readonly number[], timestep: number, maxBatch: number, adapters: DenoiseRun<unknown>['adapters']): PlannedCall[] {
   const [batch, ...rest] = shape as [number, number, number, number];
-  const per = modelInput.length / batch;
-  const outputs = new Array<BranchOutput>(branches.length);
   const groups = new Map<string, number[]>();
   branches.forEach((b, i) => {
-    const pass = b.regions !== undefined ? `regions${b.regions.context.shape[2]}` : b.deepFeature !== undefined ? 'shallow' : b.keepDeepFeature === true ? 'full+feature' : 'full';
-    const key = `${b.context.shape[1]}|${pass}`;
+    const r = b.regions;
+    const pass = r !== undefined ? `regions${r.context.shape[2]}${r.isolation === true ? 'i' : ''}${r.outputAdapters === true ? 'o' : ''}` : b.deepFeature !== undefined ? 'shallow' : b.keepDeepFeature === true ? 'full+feature' : 'full';
+    const key = `${b.context.shape[1]}|${pass}|${b.attentionMaps === true ? 'maps' : ''}`;
     groups.set(key, [...(groups.get(key) ?? []), i]);
   });
   const branchesPerCall = Math.max(1, Math.floor(maxBatch / batch));
+  const calls: PlannedCall[] = [];
   for (const members of groups.values()) {
     for (let start = 0; start < members.length; start += branchesPerCall) {
       const call = members.slice(start, start + branchesPerCall).map((i) => ({ i, b: branches[i]! }));
+      const first = call[0]!.b;
       const sample = new Float32Array(call.length * modelInput.length);
       call.forEach((_, k) => sample.set(modelInput, k * modelInput.length));
       const contexts = call.map(({ b }) => repeatContext(b.context, batch));
       const [, seq, dim] = contexts[0]!.shape as [number, number, number];
       const context = new Float32Array(call.length * batch * seq * dim);
       contexts.forEach((c, k) => context.set(c.data, k * c.data.length));
-      const shallow = call[0]!.b.deepFeature !== undefined;
       let deepFeature: Tensor<'float32'> | undefined;
-      if (shallow) {
-        const featurePer = call[0]!.b.deepFeature!.length / batch;
+      if (first.deepFeature !== undefined) {
+        const featurePer = first.deepFeature.length / batch;
         const data = new Float32Array(call.length * batch * featurePer);
         call.forEach(({ b }, k) => data.set(b.deepFeature!, k * batch * featurePer));
         deepFeature = { dtype: 'float32', shape: [call.length * batch, featurePer / (rest[1]! * rest[2]!), rest[1]!, rest[2]!], data };
       }
-      const regions = call[0]!.b.regions === undefined ? undefined : stackRegions(call.map(({ b }) => b.regions!), batch);
-      const result = await denoiser.predict({
-        sample: { dtype: 'float32', shape: [call.length * batch, ...rest], data: sample },
-        timestep,
-        context: { dtype: 'float32', shape: [call.length * batch, seq, dim], data: context },
-        ...(() => {
-          const use = callAdapters(adapters, call.map(({ b }) => b), batch);
-          return use === undefined ? {} : { adapters: use };
-        })(),
-        ...(deepFeature === undefined ? {} : { deepFeature }),
-        ...(call[0]!.b.keepDeepFeature === true ? { wantDeepFeature: true } : {}),
-        ...(regions === undefined ? {} : { regions }),
-      });
-      call.forEach(({ i }, k) => {
-        const eps = result.noisePred.data.slice(k * batch * per, (k + 1) * batch * per);
-        const f = result.deepFeature;
-        const featurePer = f === undefined ? 0 : f.data.length / (call.length * batch);
-        outputs[i] = f === undefined ? { eps } : { eps, deepFeature: f.data.slice(k * batch * featurePer, (k + 1) * batch * featurePer) };
+      const regions = first.regions === undefined ? undefined : stackRegions(call.map(({ b }) => b.regions!), batch);
+      const use = callAdapters(adapters, call.map(({ b }) => b), batch);
+      calls.push({
+        members: call.map(({ i }) => i),
+        request: {
+          sample: { dtype: 'float32', shape: [call.length * batch, ...rest], data: sample },
+          timestep,
+          context: { dtype: 'float32', shape: [call.length * batch, seq, dim], data: context },
+          ...(use === undefined ? {} : { adapters: use }),
+          ...(deepFeature === undefined ? {} : { deepFeature }),
+          ...(first.keepDeepFeature === true ? { wantDeepFeature: true } : {}),
+          ...(regions === undefined ? {} : { regions }),
+          ...(first.regions?.isolation === true ? { regionIsolation: true } : {}),
+          ...(first.regions?.outputAdapters === true ? { regionOutputAdapters: true } : {}),
+          ...(first.attentionMaps === true ? { attentionMaps: true } : {}),
+        },
       });
     }
   }
+  return calls;
+}
+
+/** Member k of a call: its slice of a (call batch, …) tensor. */
+const part = (t: Tensor<'float32'>, k: number, members: number): Float32Array => {
+  const per = t.data.length / members;
+  return t.data.slice(k * per, (k + 1) * per);
+};
+
+function branchMaps(maps: DenoiseMaps, k: number, members: number): BranchMaps {
+  return { xattn: part(maps.xattn, k, members), selfattn: part(maps.selfattn, k, members), ...(maps.xattnRegion === undefined ? {} : { xattnRegion: part(maps.xattnRegion, k, members) }) };
+}
+
+/** Step 3: evaluate the planned calls; outputs come back per branch. */
+async function runCalls(denoiser: DenoiserModel, calls: readonly PlannedCall[], count: number): Promise<BranchOutput[]> {
+  const outputs = new Array<BranchOutput>(count);
+  for (const { members, request } of calls) {
+    const result = await denoiser.predict(request);
+    members.forEach((i, k) => {
+      const f = result.deepFeature;
+      const maps = result.maps;
+      outputs[i] = { eps: part(result.noisePred, k, members.length), ...(f === undefined ? {} : { deepFeature: part(f, k, members.length) }), ...(maps === undefined ? {} : { maps: branchMaps(maps, k, members.length) }) };
+    });
+  }
   return outputs;
+}
+
+/** The denoiser's gradient methods, or a typed error when it has none (a fake or wrapped denoiser). */
+function gradientDenoiser(denoiser: DenoiserModel): Required<DenoiserModel> {
+  if (denoiser.maps === undefined || denoiser.vjp === undefined) {
+    throw new PipelineError('BAD_ARGUMENT', 'this strategy updates the latents with attention-map gradients; the denoiser offers no maps/VJP pass.', {});
+  }
+  return denoiser as Required<DenoiserModel>;
+}
+
+/**
+ * `LatentTools` at evaluation i: the loop's batching on any latents, with the model-input scaling
+ * x_in = c·x (a scalar c per evaluation for every scheduler) and its chain rule ∂L/∂x = c·∂L/∂x_in.
+ */
+export function latentTools(run: Pick<DenoiseRun<unknown>, 'scheduler' | 'denoiser' | 'shape' | 'maxBatch' | 'adapters'>, evaluation: number): LatentTools {
+  const { scheduler, denoiser, shape } = run;
+  const timestep = scheduler.timesteps[evaluation]!;
+  const plan = (branches: readonly Branch[], latents: Float32Array) =>
+    planCalls(branches, scheduler.scaleModelInput(latents, evaluation), shape, timestep, run.maxBatch ?? Number.MAX_SAFE_INTEGER, run.adapters);
+  return {
+    run: (branches, latents) => runCalls(denoiser, plan(branches, latents), branches.length),
+    async maps(branches, latents) {
+      const model = gradientDenoiser(denoiser);
+      const out = new Array<BranchMaps>(branches.length);
+      for (const { members, request } of plan(branches, latents)) {
+        const maps = await model.maps(request);
+        members.forEach((i, k) => (out[i] = branchMaps(maps, k, members.length)));
+      }
+      return out;
+    },
+    async vjp(branches, latents, cotangents) {
+      const model = gradientDenoiser(denoiser);
+      const scale = scheduler.scaleModelInput(Float32Array.of(1), evaluation)[0]!;
+      const grad = new Float32Array(latents.length);
+      const out = new Array<BranchMaps>(branches.length);
+      // Queries of the 1/32 grid: two stride-2 levels below the latent grid (⌈h/2⌉ each).
+      const q = Math.ceil(shape[2]! / 4) * Math.ceil(shape[3]! / 4);
+      for (const { members, request } of plan(branches, latents)) {
+        const n = members.length;
+        const images = request.sample.shape[0]! / n;
+        // Each member's cotangent (images, …map) stacked in call order; absent ones are zeros.
+        const stacked = (pick: (c: MapCotangents) => Float32Array | undefined, mapShape: readonly number[]): Tensor<'float32'> => {
+          const length = images * mapShape.reduce((a, d) => a * d, 1);
+          const data = new Float32Array(n * length);
+          members.forEach((i, k) => {
+            const c = pick(cotangents[i]!);
+            if (c !== undefined) data.set(c, k * length);
+          });
+          return { dtype: 'float32', shape: [n * images, ...mapShape], data };
+        };
+        const seq = request.context.shape[1]!;
+        const slots = request.regions?.context.shape;
+        const result = await model.vjp(request, {
+          xattn: stacked((c) => c.xattn, [q, seq]),
+          selfattn: stacked((c) => c.selfattn, [q, q]),
+          ...(slots === undefined ? {} : { xattnRegion: stacked((c) => c.xattnRegion, [slots[1]!, q, slots[2]!]) }),
+        });
+        members.forEach((i, k) => {
+          out[i] = branchMaps(result.maps, k, n);
+          const g = part(result.gradSample, k, n);
+          for (let j = 0; j < grad.length; j++) grad[j] = grad[j]! + g[j]!;
+        });
+      }
+      if (scale !== 1) for (let j = 0; j < grad.length; j++) grad[j] = grad[j]! * scale;
+      return { grad, maps: out };
+    },
+  };
 }
 
 /** Run the loop; returns the final latents (B, C, h, w), before decoding. */
@@ -171,10 +259,18 @@ export async function denoise<S>(run: DenoiseRun<S>): Promise<Float32Array> {
   for (let i = 0; i < evaluations; i++) {
     if (run.signal?.aborted === true) throw new PipelineError('JOB_CANCELLED', `cancelled at step ${i + 1} of ${evaluations}.`, { evaluation: i });
     const timestep = scheduler.timesteps[i]!;
-    const ctx: StepContext = { evaluation: i, step: Math.min(run.steps - 1, Math.floor((i * run.steps) / evaluations)), timestep, batch: run.shape[0], latents };
-    const branches = strategy.branches(state, ctx);
-    const modelInput = scheduler.scaleModelInput(latents, i);
-    const outputs = await runBranches(run.denoiser, branches, modelInput, run.shape, timestep, run.maxBatch ?? Number.MAX_SAFE_INTEGER, run.adapters);
+    const step = Math.min(run.steps - 1, Math.floor((i * run.steps) / evaluations));
+    let ctx: StepContext = { evaluation: i, step, timestep, batch: run.shape[0], latents };
+    // 1. optional latent update (gradient-guided strategies); it may bring this step's outputs.
+    const updated = strategy.update === undefined ? undefined : await strategy.update(state, ctx, latentTools(run, i));
+    if (updated !== undefined) ctx = { ...ctx, latents: (latents = updated.latents) };
+    // 2–3. branches, model input, batched denoiser calls.
+    let outputs = updated?.outputs;
+    if (outputs === undefined) {
+      const branches = strategy.branches(state, ctx);
+      outputs = await runCalls(run.denoiser, planCalls(branches, scheduler.scaleModelInput(latents, i), run.shape, timestep, run.maxBatch ?? Number.MAX_SAFE_INTEGER, run.adapters), branches.length);
+    }
+    // 4–6. combine (guidance included), scheduler step, progress.
     const noisePred = strategy.combine(state, ctx, outputs);
     latents = scheduler.step(noisePred, i, latents, scheduler.needsNoise ? run.noise(i) : undefined);
     run.onProgress?.({ evaluation: i, evaluations, step: ctx.step, timestep, latents });

@@ -9,6 +9,7 @@ import type { RngKind } from './rng/index.ts';
 import { resolveSampler } from './schedulers/index.ts';
 import { parseSeed, SEED_MAX } from './rng/index.ts';
 import { STRATEGY_NAMES, type StrategySpec } from './strategies/index.ts';
+import { checkGradientJob } from './strategies/gradient-knobs.ts';
 
 /** A LoRA of the job: a library name (file stem or alias) or a path, with A1111's two strengths. */
 export interface JobLora {
@@ -127,7 +128,9 @@ function normalizeStrategy(spec: StrategySpec | undefined): StrategySpec {
   if (s.phaseRule !== undefined && !['offline', 'online', 'online-official'].includes(s.phaseRule)) {
     throw new PipelineError('BAD_ARGUMENT', `strategy.phaseRule must be offline, online or online-official, got ${JSON.stringify(s.phaseRule)}.`, { field: 'strategy.phaseRule' });
   }
-  return { ...s };
+  if (s.concepts !== undefined && !Array.isArray(s.concepts)) throw new PipelineError('BAD_ARGUMENT', 'strategy.concepts must be a list.', { field: 'strategy.concepts' });
+  const concepts = s.concepts?.map((c, i) => ({ ...c, ...(c.lora === undefined ? {} : { lora: normalizeLoras([c.lora], () => `strategy.concepts[${i}].lora`)[0]! }) }));
+  return { ...s, ...(concepts === undefined ? {} : { concepts }) };
 }
 
 /** Image side limits in pixels: a multiple of 8, from 64 to 4096 (a 4096² latent is 512², far beyond SD 1.5's use). */
@@ -218,5 +221,6 @@ export function normalizeJob(input: JobInput): GenerateJob {
   const lastSeed = job.seed + BigInt(job.batchSize * job.batchCount - 1);
   if (lastSeed > SEED_MAX) throw new PipelineError('BAD_SEED', `seed ${job.seed} + ${job.batchSize * job.batchCount - 1} images exceeds the largest seed ${SEED_MAX}.`, { field: 'seed' });
   resolveSampler(job.sampler, job.scheduleType);
+  checkGradientJob(job);
   return job;
 }

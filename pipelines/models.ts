@@ -6,7 +6,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { PipelineError } from './errors.ts';
-import { ClipTokenizer, resolveLoraName, scanLoraFolders, type AdapterUse, type LoadedLora, type LoraLibraryEntry, type RegionInputs, type Sd15Engine, type Tensor } from '../models/index.ts';
+import { ClipTokenizer, resolveLoraName, scanLoraFolders, type AdapterUse, type LoadedLora, type LoraLibraryEntry, type RegionInputs, type Sd15Engine, type Tensor, type UnetInput, type UnetVariant } from '../models/index.ts';
 
 /** What prompt processing needs from the tokenizer. */
 export interface PromptTokenizer {
@@ -42,16 +42,42 @@ export interface DenoiseRequest {
   readonly wantDeepFeature?: boolean;
   /** Region slots (the regions UNet variant). */
   readonly regions?: RegionInputs;
+  /** With regions: LoRA-Composer's self-attention isolation between the regions. */
+  readonly regionIsolation?: boolean;
+  /** With regions and LoRAs: each slot's output through its own to_out.0 adapters (LoRA-Composer). */
+  readonly regionOutputAdapters?: boolean;
+  /** Also return the head- and layer-averaged attention maps of the 1/32 grid (UNet level 2). */
+  readonly attentionMaps?: boolean;
+}
+
+/** The 1/32-grid attention maps of one call: xattn (B, N, S), selfattn (B, N, N), xattnRegion (B, R, N, S_r) with regions. */
+export interface DenoiseMaps {
+  readonly xattn: Tensor<'float32'>;
+  readonly selfattn: Tensor<'float32'>;
+  readonly xattnRegion?: Tensor<'float32'>;
 }
 
 export interface DenoiseResult {
   /** ε (B, C, h, w) */
   readonly noisePred: Tensor<'float32'>;
   readonly deepFeature?: Tensor<'float32'>;
+  /** When asked for with `attentionMaps`. */
+  readonly maps?: DenoiseMaps;
+}
+
+/** ∂L/∂(maps) of one call, shaped like its `DenoiseMaps`. */
+export interface DenoiseCotangents {
+  readonly xattn: Tensor<'float32'>;
+  readonly selfattn: Tensor<'float32'>;
+  readonly xattnRegion?: Tensor<'float32'>;
 }
 
 export interface DenoiserModel {
   predict(request: DenoiseRequest): Promise<DenoiseResult>;
+  /** The 1/32-grid maps only, from the UNet truncated after its last 1/32-grid layer (gradient-guided strategies). */
+  maps?(request: DenoiseRequest): Promise<DenoiseMaps>;
+  /** ∂L/∂sample for L = Σ ⟨cotangents, maps⟩, with the maps (gradient-guided strategies). */
+  vjp?(request: DenoiseRequest, cotangents: DenoiseCotangents): Promise<{ maps: DenoiseMaps; gradSample: Tensor<'float32'> }>;
 }
 
 export interface LatentDecoderModel {
@@ -121,6 +147,27 @@ function libraryLoraProvider(engine: Sd15Engine, loraDirs: readonly string[]): L
   };
 }
 
+/** The UNet level of the gradient-guided methods' maps: the 1/32 grid. */
+const MAPS_LEVEL = 2;
+
+function unetInput({ sample, timestep, context, deepFeature, regions }: DenoiseRequest): UnetInput {
+  return {
+    sample,
+    timestep: { dtype: 'float32', shape: [1], data: new Float32Array([timestep]) },
+    encoderHiddenStates: context,
+    ...(deepFeature === undefined ? {} : { deepFeature }),
+    ...(regions === undefined ? {} : { regions }),
+  };
+}
+
+function regionVariant(request: DenoiseRequest): { regions: true; selfAttentionIsolation?: true; regionOutputAdapters?: true } {
+  return { regions: true, ...(request.regionIsolation === true ? { selfAttentionIsolation: true } : {}), ...(request.regionOutputAdapters === true ? { regionOutputAdapters: true } : {}) };
+}
+
+function mapsOf(out: Record<string, Tensor<'float32'>>): DenoiseMaps {
+  return { xattn: out.xattn!, selfattn: out.selfattn!, ...(out.xattn_region === undefined ? {} : { xattnRegion: out.xattn_region }) };
+}
+
 /** Adapt an opened engine to the pipeline interfaces. */
 export function engineModels(engine: Sd15Engine, options: { loraDirs?: readonly string[] } = {}): SdModels {
   let tokenizer: ClipTokenizer | undefined;
@@ -154,19 +201,26 @@ export function engineModels(engine: Sd15Engine, options: { loraDirs?: readonly 
       },
     },
     denoiser: {
-      async predict({ sample, timestep, context, adapters, deepFeature, wantDeepFeature, regions }) {
-        const out = await engine.runUnet(
-          {
-            sample,
-            timestep: { dtype: 'float32', shape: [1], data: new Float32Array([timestep]) },
-            encoderHiddenStates: context,
-            ...(deepFeature === undefined ? {} : { deepFeature }),
-            ...(regions === undefined ? {} : { regions }),
-          },
-          regions !== undefined ? { regions: true } : deepFeature !== undefined ? { shallow: true } : wantDeepFeature === true ? { deepFeature: true } : {},
-          adapters,
-        );
-        return { noisePred: out.noise_pred!, ...(out.deep_feature === undefined ? {} : { deepFeature: out.deep_feature }) };
+      async predict(request) {
+        const { deepFeature, wantDeepFeature, regions, attentionMaps } = request;
+        const variant: UnetVariant = {
+          ...(regions !== undefined ? regionVariant(request) : deepFeature !== undefined ? { shallow: true } : wantDeepFeature === true ? { deepFeature: true } : {}),
+          ...(attentionMaps === true ? { attentionMaps: { level: MAPS_LEVEL } } : {}),
+        };
+        const out = await engine.runUnet(unetInput(request), variant, request.adapters);
+        return {
+          noisePred: out.noise_pred!,
+          ...(out.deep_feature === undefined ? {} : { deepFeature: out.deep_feature }),
+          ...(attentionMaps === true ? { maps: mapsOf(out) } : {}),
+        };
+      },
+      async maps(request) {
+        const variant: UnetVariant = { ...(request.regions === undefined ? {} : regionVariant(request)), attentionMaps: { level: MAPS_LEVEL }, mapsOnly: true };
+        return mapsOf(await engine.runUnet(unetInput(request), variant, request.adapters));
+      },
+      async vjp(request, cotangents) {
+        const out = await engine.runUnetVjp(unetInput(request), cotangents, request.adapters, { level: MAPS_LEVEL, ...(request.regions === undefined ? {} : regionVariant(request)) });
+        return { maps: { xattn: out.xattn, selfattn: out.selfattn, ...(out.xattnRegion === undefined ? {} : { xattnRegion: out.xattnRegion }) }, gradSample: out.gradSample };
       },
     },
     decoder: {

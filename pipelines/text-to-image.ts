@@ -19,6 +19,9 @@ import { createStrategy, needsAdapterBank, textEncoderMix, type StrategySpec } f
 import { measureFrequencyClasses } from './frequency-probe.ts';
 import { levelSizes, pixelStrengths, regionMasks } from './regions.ts';
 import { regionsStrategy, type RegionsPlan } from './strategies/regions.ts';
+import { cloraDefaults, cloraStrategy, planClora, type CloraEvent } from './strategies/clora.ts';
+import { composerDefaults, loraComposerStrategy, planComposer, type ComposerEvent } from './strategies/lora-composer.ts';
+import type { Strategy } from './strategies/types.ts';
 
 export interface GeneratedImage {
   /** Index in the run (0…batchSize·batchCount−1). */
@@ -44,6 +47,8 @@ export interface GenerateOptions {
   /** Replaces the seeded initial noise of the first batch: (batchSize, C, h, w). */
   readonly initLatents?: Tensor;
   readonly maxBatch?: number;
+  /** What the gradient-guided strategies report (updates, masks, re-initialisation), per batch. */
+  readonly onStrategyEvent?: (event: CloraEvent | ComposerEvent, batch: number) => void;
 }
 
 /** A LoRA as it was applied: where it came from, its strengths, hash and coverage. */
@@ -148,6 +153,57 @@ async function planRegions(
   return { regions, masks, padChunk, adapters: { slotMix, mixMaps: pixelStrengths(masks, strengths.global.unet, perRegion), global: strengths.global.unet } };
 }
 
+/**
+ * CLoRA's slots or LoRA-Composer's regions, planned once per job (prompts encoded with each
+ * concept's text-encoder strengths on top of the job's, token positions from the tokenizer); the
+ * strategy itself is made per batch.
+ */
+async function planGradient(
+  job: GenerateJob,
+  models: SdModels,
+  options: ConditioningOptions,
+  stack: AdapterStack,
+  global: { te: number[]; unet: number[] },
+  conceptStrengths: Array<{ te: number[]; unet: number[] }>,
+): Promise<(setup: Parameters<typeof cloraStrategy.create>[0], shape: [number, number, number, number], onEvent?: (e: CloraEvent | ComposerEvent) => void) => Strategy<unknown>> {
+  const concepts = job.strategy.concepts ?? [];
+  const latentGrid: [number, number] = [job.height / models.vaeScale, job.width / models.vaeScale];
+  const sizes = levelSizes(latentGrid[0], latentGrid[1], models.unetLevels);
+  if (job.strategy.name === 'clora') {
+    const knobs = { ...cloraDefaults(job.steps), ...job.strategy.clora };
+    const plan = await planClora(
+      {
+        prompt: job.prompt,
+        negativePrompt: job.negativePrompt,
+        steps: job.steps,
+        concepts: concepts.map((c, k) => ({ prompt: c.prompt ?? job.prompt, words: c.words, otherWords: c.otherWords ?? c.words, ...conceptStrengths[k]! })),
+        global,
+      },
+      models.textEncoder,
+      options,
+      stack,
+      { mapGrid: sizes[Math.min(2, sizes.length - 1)]!, latentGrid },
+    );
+    return (setup, _shape, onEvent) => cloraStrategy.create(setup, plan, knobs, onEvent) as Strategy<unknown>;
+  }
+  const knobs = { ...composerDefaults(job.steps), ...job.strategy.loraComposer };
+  const plan = await planComposer(
+    {
+      width: job.width,
+      height: job.height,
+      steps: job.steps,
+      negativePrompt: job.negativePrompt,
+      regions: job.regions.map((region, r) => ({ region, words: concepts[r]!.words, ...conceptStrengths[r]! })),
+      global,
+    },
+    models.textEncoder,
+    options,
+    stack,
+    { vaeScale: models.vaeScale, unetLevels: models.unetLevels },
+  );
+  return (setup, shape, onEvent) => loraComposerStrategy.create(setup, plan, knobs, shape, onEvent) as Strategy<unknown>;
+}
+
 /** Run a normalized job on the given models. */
 export async function generate(job: GenerateJob, models: SdModels, options: GenerateOptions = {}): Promise<GenerateResult> {
   // 1. sampler and scheduler.
@@ -158,7 +214,9 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
   const positive = extractExtraNetworks(job.prompt);
   const negative = extractExtraNetworks(job.negativePrompt);
   const regionJob = job.strategy.name === 'regions';
-  const regionLoras = regionJob ? job.regions.map((r) => r.lora) : [];
+  const gradientJob = job.strategy.name === 'clora' || job.strategy.name === 'lora-composer';
+  // LoRAs bound to a region or concept (their strengths apply there only).
+  const regionLoras = job.strategy.name === 'clora' ? (job.strategy.concepts ?? []).map((c) => c.lora) : regionJob || job.strategy.name === 'lora-composer' ? job.regions.map((r) => r.lora) : [];
   const { stack, applied, needsMerged, regionStrengths } = await loadJobLoras([...job.loras, ...lorasFromTags(positive.networks)], models, regionLoras);
   if (needsMerged && job.loraMode === 'bank') {
     throw new PipelineError('BAD_ARGUMENT', `${applied.map((a) => a.name).join(', ')}: a LoRA in this stack is not low-rank (LoKr or a full diff) and cannot run as bank inputs; use loraMode "merged" or "auto".`, { field: 'loraMode' });
@@ -182,6 +240,7 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
   const regionsPlan = regionJob
     ? await planRegions(job, models, conditioningOptions, stack, mode === 'bank' ? { global: { te: teMix, unet: stack.strengths('unet') }, regions: regionStrengths } : undefined)
     : undefined;
+  const gradientPlan = gradientJob ? await planGradient(job, models, conditioningOptions, stack, { te: teMix, unet: stack.strengths('unet') }, regionStrengths) : undefined;
 
   // 3. batches.
   const c = models.latentChannels;
@@ -208,12 +267,16 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
     };
     const initialNoise = b === 0 && options.initLatents !== undefined ? Float32Array.from(options.initLatents.data as ArrayLike<number>) : draw();
     const scheduler = createScheduler(choice.kind, schedulerConfig, job.steps, choice.options);
+    const setup = { conditioning, guidanceScale: job.cfgScale, stack, steps: job.steps };
+    const onEvent = options.onStrategyEvent === undefined ? undefined : (e: CloraEvent | ComposerEvent) => options.onStrategyEvent!(e, b);
     const finalLatents = await denoise({
       scheduler,
       strategy:
-        regionsPlan === undefined
-          ? createStrategy(strategy, { conditioning, guidanceScale: job.cfgScale, stack, steps: job.steps }, [job.batchSize, c, h, w])
-          : regionsStrategy.create({ conditioning, guidanceScale: job.cfgScale, stack, steps: job.steps }, regionsPlan),
+        gradientPlan !== undefined
+          ? gradientPlan(setup, [job.batchSize, c, h, w], onEvent)
+          : regionsPlan === undefined
+            ? createStrategy(strategy, setup, [job.batchSize, c, h, w])
+            : regionsStrategy.create(setup, regionsPlan),
       denoiser: models.denoiser,
       initialNoise,
       shape: [job.batchSize, c, h, w],

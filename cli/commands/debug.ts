@@ -8,9 +8,15 @@
  * Shapes and batch sizes come from the input file. `--prefix P` reads `P<name>` (a fixture case's
  * keys, e.g. `t999_b1.`).
  * `chorus debug graph <graph>`: print the graph as text (nodes, parameters, shapes).
+ * `chorus debug vjp`: the gradient of an attention-map loss through the UNet (the conformance
+ * command of the gradient-guided strategies), with the definitions of the fixtures' `vjp/*` cases:
+ *   inputs   sample (B, 4, h, w), timestep, encoder_hidden_states (B, S, D), cot_x (B, N, S), cot_s (B, N, N)
+ *   outputs  xattn, selfattn (head- and layer-means of the 1/32-grid attention probabilities),
+ *            grad_sample = ∂L/∂sample for L = Σ cot_x·xattn + Σ cot_s·selfattn
+ * `--lora file[:scale]` (repeatable) makes LoRAs active in the forward and the backward pass.
  */
 import * as path from 'node:path';
-import { ModelError, Sd15Engine, dumpGraph, openSafetensors, writeSafetensors, type GraphKind, type Tensor } from '../../models/index.ts';
+import { AdapterStack, ModelError, Sd15Engine, dumpGraph, openSafetensors, writeSafetensors, type GraphKind, type Tensor } from '../../models/index.ts';
 import { MODEL_OPTIONS, UsageError, engineOptions, parse, requireValue } from '../args.ts';
 
 const GRAPH_NAMES: Readonly<Record<string, GraphKind>> = {
@@ -30,7 +36,61 @@ export async function runDebug(argv: readonly string[]): Promise<number> {
   const [sub, ...rest] = argv;
   if (sub === 'run') return debugRun(rest);
   if (sub === 'graph') return debugGraph(rest);
-  throw new UsageError(`chorus debug: expected "run" or "graph", got "${sub ?? ''}"`);
+  if (sub === 'vjp') return debugVjp(rest);
+  throw new UsageError(`chorus debug: expected "run", "graph" or "vjp", got "${sub ?? ''}"`);
+}
+
+/** `--lora file[:scale]`: a trailing number is the strength (so Windows drive colons survive). */
+function parseLoraFile(value: string): { file: string; scale: number } {
+  const at = value.lastIndexOf(':');
+  const tail = at < 0 ? '' : value.slice(at + 1);
+  if (at > 0 && /^\s*-?(\d+\.?\d*|\.\d+)\s*$/.test(tail)) return { file: value.slice(0, at), scale: Number(tail) };
+  if (value === '') throw new UsageError('--lora needs a file: --lora file.safetensors[:scale]');
+  return { file: value, scale: 1 };
+}
+
+const VJP_INPUTS = ['sample', 'timestep', 'encoder_hidden_states', 'cot_x', 'cot_s'] as const;
+
+async function debugVjp(argv: readonly string[]): Promise<number> {
+  const { values } = parse(argv, { ...MODEL_OPTIONS, inputs: { type: 'string' }, out: { type: 'string' }, prefix: { type: 'string' }, lora: { type: 'string', multiple: true } });
+  const modelPath = requireValue(values.model, '--model');
+  const inputsPath = requireValue(values.inputs, '--inputs');
+  const outPath = requireValue(values.out, '--out');
+  const prefix = values.prefix ?? '';
+  const loras = (values.lora ?? []).map(parseLoraFile);
+  const inputs = openSafetensors(inputsPath);
+  const engine = Sd15Engine.open(modelPath, engineOptions(values));
+  try {
+    const input = (name: string): Tensor => {
+      const key = prefix + name;
+      if (!inputs.has(key)) {
+        throw new ModelError('MISSING_TENSOR', `${path.basename(inputsPath)}: no tensor \`${key}\`; chorus debug vjp needs ${VJP_INPUTS.map((n) => prefix + n).join(', ')}.`, { file: inputsPath, key });
+      }
+      return inputs.read(key);
+    };
+    const stack = new AdapterStack(
+      loras.map(({ file, scale }) => {
+        const lora = engine.loadLora(file);
+        return { path: lora.path, name: lora.name, modules: lora.modules, te: scale, unet: scale };
+      }),
+    );
+    const sample = input('sample');
+    const adapters = stack.size === 0 ? undefined : { mode: 'bank' as const, stack, mix: Array.from({ length: sample.shape[0] ?? 1 }, () => stack.strengths('unet')) };
+    const out = await engine.runUnetVjp(
+      { sample, timestep: input('timestep'), encoderHiddenStates: input('encoder_hidden_states') },
+      { xattn: input('cot_x'), selfattn: input('cot_s') },
+      adapters,
+    );
+    const outputs = { xattn: out.xattn, selfattn: out.selfattn, grad_sample: out.gradSample };
+    const choice = await engine.providerChoice();
+    writeSafetensors(outPath, outputs, { chorus_graph: 'unet_vjp', model: engine.model.path, device: choice?.device ?? 'unknown', loras: loras.map((l) => `${path.basename(l.file)}:${l.scale}`).join(',') });
+    const summary = Object.entries(outputs).map(([k, t]) => `${k} [${t.shape.join(', ')}]`).join(', ');
+    process.stdout.write(`unet vjp on ${choice?.device ?? '?'}${loras.length === 0 ? '' : ` with ${loras.length} LoRA${loras.length === 1 ? '' : 's'}`}: wrote ${summary} to ${outPath}\n`);
+    return 0;
+  } finally {
+    inputs.close();
+    await engine.dispose();
+  }
 }
 
 async function debugGraph(argv: readonly string[]): Promise<number> {

@@ -21,8 +21,11 @@ import {
   type JobRegion,
   type StrategySpec,
   type LoraMode,
+  type GenerateOptions,
   type GenerateProgress,
 } from '../../pipelines/index.ts';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { MODEL_OPTIONS, UsageError, engineOptions, parse, requireValue } from '../args.ts';
 
 export const GENERATE_HELP = `chorus generate — text to image
@@ -46,7 +49,8 @@ export const GENERATE_HELP = `chorus generate — text to image
   --lora <name[:w[:unet_w]]>  apply a LoRA by file stem, alias or path (repeatable; prompt tags <lora:name:w> work too)
   --lora-dir <folder>      where LoRAs are looked up by name (repeatable; an A1111 or ComfyUI install works;
                            also CHORUS_LORA_DIRS, and the install the checkpoint sits in)
-  --strategy <name>        how several LoRAs are composed: plain (default), merge, switch, composite, cmlora, regions
+  --strategy <name>        how several LoRAs are composed: plain (default), merge, switch, composite, cmlora, regions,
+                           clora, lora-composer
   --switch-every <n>       switch: steps per LoRA (default 5)
   --cache-interval <c>     cmlora: 0 non-uniform refresh, 1 every step, ≥ 2 every c steps with feature caching (default 3)
   --frequency high,low,…   cmlora: frequency class per LoRA (measured from a probe image when omitted)
@@ -55,6 +59,29 @@ export const GENERATE_HELP = `chorus generate — text to image
   --region "x,y,w,h:prompt[:lora:weight[:unet_weight]]"
                            regions: a box in pixels with its prompt and LoRA (repeatable; implies --strategy regions)
   --region-mask "mask.png:prompt[:lora:weight]"   regions: a painted mask (white/opaque = inside)
+  --concept "words[|other words]"
+                           clora, lora-composer: concept k's words as its prompt spells them (repeatable, one per
+                           --slot or --region); clora: after | the words naming it in the other slots' prompts
+  --slot "prompt[:lora:weight[:unet_weight]]"
+                           clora: concept k's prompt slot with its LoRA (repeatable; an empty prompt = --prompt);
+                           the --prompt itself is slot 0, without concept LoRAs (--lora LoRAs apply to every slot)
+  --clora-step-size <η>    clora: latent step size (default 20)
+  --clora-update-until <i> clora: update the latents at steps i < this (default: 50 of 100 steps, scaled)
+  --clora-refine-steps <i,j,…>   clora: steps with extra refinement rounds (default: 0,10,20 of 100, scaled)
+  --clora-refine-rounds <n>      clora: extra rounds at those steps (default 20)
+  --clora-mask-threshold <α>     clora: mask threshold relative to each map's max (default 0.4)
+  --clora-mask-after <i>   clora: masks from step i on, before that plain averaging (default 0)
+  --clora-morphology <ops> clora: 3×3 mask morphology, comma-separated: dilate, erode, opening, closing
+  --clora-no-update        clora: masked fusion only, no latent updates
+  --composer-step-size <η> lora-composer: base step size, φ_i = η·√(linspace(1, 0.5, T)[i]) (default 20)
+  --composer-refine-until <i>    lora-composer: last refinement step (default: 25 of 50 steps, scaled)
+  --composer-early-stop-from <i> lora-composer: stop refining when the loss rises, from step i (default: 5 of 50, scaled)
+  --composer-weights <box,fill,region>  lora-composer: loss weights (default 8,2,10)
+  --composer-top-k <ratio> lora-composer: top-k ratio of the box (default 0.2)
+  --composer-no-isolation  lora-composer: no self-attention isolation between the boxes
+  --composer-no-reinit     lora-composer: no latent re-initialisation
+  --debug-masks <dir>      clora: each step's slot masks; lora-composer: the boxes and each refinement's attention
+                           maps — written as PNGs into <dir>
   --lora-mode auto|bank|merged   LoRAs as runtime inputs (bank) or baked into the weights (merged); auto: bank
                            unless a LoRA is not low-rank (LoKr)
   --out <path>             a folder (default ./outputs; files NNNNN-<seed>.png) or a .png file name
@@ -98,7 +125,90 @@ export function parseLoraFlag(value: string): JobLora {
   return { name, te, unet: numbers[1] ?? te };
 }
 
-function strategyFromFlags(values: {
+/** `a,b,c` → numbers, or a usage error naming the flag. */
+function numbers(flag: string, value: string | undefined): number[] | undefined {
+  return value?.split(',').map((v) => num(flag, v)!);
+}
+
+type GradientFlags = {
+  concept?: string[] | undefined;
+  slot?: string[] | undefined;
+  'clora-step-size'?: string | undefined;
+  'clora-update-until'?: string | undefined;
+  'clora-refine-steps'?: string | undefined;
+  'clora-refine-rounds'?: string | undefined;
+  'clora-mask-threshold'?: string | undefined;
+  'clora-mask-after'?: string | undefined;
+  'clora-morphology'?: string | undefined;
+  'clora-no-update'?: boolean | undefined;
+  'composer-step-size'?: string | undefined;
+  'composer-refine-until'?: string | undefined;
+  'composer-early-stop-from'?: string | undefined;
+  'composer-weights'?: string | undefined;
+  'composer-top-k'?: string | undefined;
+  'composer-no-isolation'?: boolean | undefined;
+  'composer-no-reinit'?: boolean | undefined;
+};
+
+/** `--slot "prompt[:lora:weight[:unet_weight]]"`: the prompt may be empty (the job's prompt). */
+export function parseSlotFlag(value: string): { prompt: string; lora: JobLora } {
+  const parts = value.split(':');
+  const weights: number[] = [];
+  while (parts.length > 2 && weights.length < 2 && /^\s*-?(\d+\.?\d*|\.\d+)\s*$/.test(parts[parts.length - 1]!)) weights.unshift(Number(parts.pop()));
+  const lora = parts.length > 1 ? parts.pop()!.trim() : '';
+  if (lora === '') throw new UsageError(`--slot must be "prompt:lora[:weight]" (a CLoRA slot binds a LoRA), got "${value}"`);
+  const te = weights[0] ?? 1;
+  return { prompt: parts.join(':'), lora: { name: lora, te, unet: weights[1] ?? te } };
+}
+
+/** The knobs and concepts of clora / lora-composer from the flags. */
+function gradientFromFlags(name: string, values: GradientFlags): Partial<StrategySpec> {
+  const concepts = (values.concept ?? []).map((c) => {
+    const [words, other] = c.split('|');
+    if (words === undefined || words.trim() === '') throw new UsageError(`--concept needs the concept's words, got "${c}"`);
+    return { words: words.trim(), ...(other === undefined || other.trim() === '' ? {} : { otherWords: other.trim() }) };
+  });
+  const slots = (values.slot ?? []).map(parseSlotFlag);
+  if (name === 'clora') {
+    if (slots.length !== concepts.length) throw new UsageError(`clora binds concept k to slot k: give one --concept per --slot (got ${concepts.length} --concept, ${slots.length} --slot)`);
+    const morphology = values['clora-morphology']?.split(',').map((m) => m.trim());
+    if (morphology !== undefined && !morphology.every((m) => ['dilate', 'erode', 'opening', 'closing'].includes(m))) throw new UsageError(`--clora-morphology takes dilate, erode, opening, closing, got "${values['clora-morphology']}"`);
+    const clora = {
+      ...(values['clora-step-size'] === undefined ? {} : { stepSize: num('--clora-step-size', values['clora-step-size'])! }),
+      ...(values['clora-update-until'] === undefined ? {} : { updateUntil: num('--clora-update-until', values['clora-update-until'])! }),
+      ...(values['clora-refine-steps'] === undefined ? {} : { refineSteps: numbers('--clora-refine-steps', values['clora-refine-steps'])! }),
+      ...(values['clora-refine-rounds'] === undefined ? {} : { refineRounds: num('--clora-refine-rounds', values['clora-refine-rounds'])! }),
+      ...(values['clora-mask-threshold'] === undefined ? {} : { maskThreshold: num('--clora-mask-threshold', values['clora-mask-threshold'])! }),
+      ...(values['clora-mask-after'] === undefined ? {} : { maskAfter: num('--clora-mask-after', values['clora-mask-after'])! }),
+      ...(morphology === undefined ? {} : { morphology: morphology as Array<'dilate' | 'erode' | 'opening' | 'closing'> }),
+      ...(values['clora-no-update'] === true ? { latentUpdate: false } : {}),
+    };
+    return {
+      concepts: concepts.map((c, k) => ({ ...c, lora: slots[k]!.lora, ...(slots[k]!.prompt.trim() === '' ? {} : { prompt: slots[k]!.prompt }) })),
+      ...(Object.keys(clora).length === 0 ? {} : { clora }),
+    };
+  }
+  if (slots.length > 0) throw new UsageError('--slot is for --strategy clora');
+  if (name !== 'lora-composer') {
+    if (concepts.length > 0) throw new UsageError('--concept is for --strategy clora or lora-composer');
+    return {};
+  }
+  if (concepts.some((c) => c.otherWords !== undefined)) throw new UsageError('--concept "words|other words": the other words are for clora; lora-composer takes the words of each region\'s prompt');
+  const weights = numbers('--composer-weights', values['composer-weights']);
+  if (weights !== undefined && weights.length !== 3) throw new UsageError(`--composer-weights takes box,fill,region, got "${values['composer-weights']}"`);
+  const loraComposer = {
+    ...(values['composer-step-size'] === undefined ? {} : { stepSize: num('--composer-step-size', values['composer-step-size'])! }),
+    ...(values['composer-refine-until'] === undefined ? {} : { refineUntil: num('--composer-refine-until', values['composer-refine-until'])! }),
+    ...(values['composer-early-stop-from'] === undefined ? {} : { earlyStopFrom: num('--composer-early-stop-from', values['composer-early-stop-from'])! }),
+    ...(weights === undefined ? {} : { weights: { box: weights[0]!, fill: weights[1]!, region: weights[2]! } }),
+    ...(values['composer-top-k'] === undefined ? {} : { topKRatio: num('--composer-top-k', values['composer-top-k'])! }),
+    ...(values['composer-no-isolation'] === true ? { isolation: false } : {}),
+    ...(values['composer-no-reinit'] === true ? { reinit: false } : {}),
+  };
+  return { concepts, ...(Object.keys(loraComposer).length === 0 ? {} : { loraComposer }) };
+}
+
+function strategyFromFlags(values: GradientFlags & {
   strategy?: string | undefined;
   'switch-every'?: string | undefined;
   'cache-interval'?: string | undefined;
@@ -122,6 +232,57 @@ function strategyFromFlags(values: {
     ...(frequencyClasses === undefined ? {} : { frequencyClasses: frequencyClasses as Array<'high' | 'low'> }),
     ...(phaseRule === undefined ? {} : { phaseRule: phaseRule as 'offline' | 'online' | 'online-official' }),
     ...(values['cmlora-official'] === true ? { official: true } : {}),
+    ...gradientFromFlags(name, values),
+  };
+}
+
+type StrategyEvent = Parameters<NonNullable<GenerateOptions['onStrategyEvent']>>[0];
+
+/**
+ * `--debug-masks dir`: each mask (h × w on the latent grid, values in [0, 1]) as a grayscale PNG at
+ * image size (nearest, `scale` pixels per cell): CLoRA's slot masks per step, LoRA-Composer's boxes
+ * and each refinement's concept attention (min–max scaled).
+ */
+function debugMaskWriter(dir: string, latent: readonly [number, number], scale: number): (e: StrategyEvent, batch: number) => Promise<void> {
+  fs.mkdirSync(dir, { recursive: true });
+  const [H, W] = [latent[0] * scale, latent[1] * scale];
+  const write = async (name: string, m: ArrayLike<number>, h: number, w: number) => {
+    const plane = new Float32Array(H * W);
+    for (let y = 0; y < H; y++) for (let x = 0; x < W; x++) plane[y * W + x] = m[Math.floor((y * h) / H) * w + Math.floor((x * w) / W)]!;
+    const data = new Float32Array(3 * H * W);
+    for (let c = 0; c < 3; c++) data.set(plane, c * H * W);
+    writeFileAtomic(path.join(dir, `${name}.png`), await encodePng({ dtype: 'float32', shape: [1, 3, H, W], data }, []));
+  };
+  const scaled = (m: ArrayLike<number>) => {
+    let lo = Infinity;
+    let hi = -Infinity;
+    for (let i = 0; i < m.length; i++) [lo, hi] = [Math.min(lo, m[i]!), Math.max(hi, m[i]!)];
+    return Float32Array.from(m, (v) => (hi > lo ? (v - lo) / (hi - lo) : 0));
+  };
+  const pad = (n: number) => String(n).padStart(3, '0');
+  const [lh, lw] = latent;
+  return async (e, batch) => {
+    const b = `b${batch}`;
+    switch (e.kind) {
+      case 'masks':
+        for (const [p, m] of e.masks.entries()) await write(`${b}-step${pad(e.evaluation)}-slot${p}`, m.subarray(0, lh * lw), lh, lw);
+        return;
+      case 'boxes':
+        for (const [r, m] of e.masks.entries()) await write(`${b}-box${r}`, m, lh, lw);
+        return;
+      case 'update':
+        if ('smoothed' in e) {
+          const [gh, gw] = e.grid;
+          for (const [r, tokens] of e.smoothed.entries()) {
+            const sum = new Float64Array(gh * gw);
+            for (const t of tokens) t.forEach((v, q) => (sum[q] = sum[q]! + v));
+            await write(`${b}-step${pad(e.evaluation)}-attention${r}`, scaled(sum), gh, gw);
+          }
+        }
+        return;
+      case 'reinit':
+        return;
+    }
   };
 }
 
@@ -207,6 +368,24 @@ export async function runGenerate(argv: readonly string[]): Promise<number> {
     'cmlora-official': { type: 'boolean' },
     region: { type: 'string', multiple: true },
     'region-mask': { type: 'string', multiple: true },
+    concept: { type: 'string', multiple: true },
+    slot: { type: 'string', multiple: true },
+    'clora-step-size': { type: 'string' },
+    'clora-update-until': { type: 'string' },
+    'clora-refine-steps': { type: 'string' },
+    'clora-refine-rounds': { type: 'string' },
+    'clora-mask-threshold': { type: 'string' },
+    'clora-mask-after': { type: 'string' },
+    'clora-morphology': { type: 'string' },
+    'clora-no-update': { type: 'boolean' },
+    'composer-step-size': { type: 'string' },
+    'composer-refine-until': { type: 'string' },
+    'composer-early-stop-from': { type: 'string' },
+    'composer-weights': { type: 'string' },
+    'composer-top-k': { type: 'string' },
+    'composer-no-isolation': { type: 'boolean' },
+    'composer-no-reinit': { type: 'boolean' },
+    'debug-masks': { type: 'string' },
     help: { type: 'boolean' },
   });
   if (values.help === true) {
@@ -247,8 +426,12 @@ export async function runGenerate(argv: readonly string[]): Promise<number> {
   const finals: Tensor<'float32'>[] = [];
   try {
     const models = engineModels(engine, { loraDirs });
+    const masksDir = values['debug-masks'];
+    const writeMasks = masksDir === undefined ? undefined : debugMaskWriter(masksDir, [job.height / models.vaeScale, job.width / models.vaeScale], models.vaeScale);
+    const pending: Promise<void>[] = [];
     const result = await generate(job, models, {
       ...(initLatents === undefined ? {} : { initLatents }),
+      ...(writeMasks === undefined ? {} : { onStrategyEvent: (e, batch) => void pending.push(writeMasks(e, batch)) }),
       onProgress: progressBar(total),
       onImage: async (img, run) => {
         const texts = imageMetadataTexts(job, img, engine.model, run);
@@ -259,6 +442,8 @@ export async function runGenerate(argv: readonly string[]): Promise<number> {
         finals.push(img.finalLatents);
       },
     });
+    await Promise.all(pending);
+    if (masksDir !== undefined) process.stderr.write(`debug masks in ${masksDir}\n`);
     if (values['save-latents'] !== undefined) {
       writeSafetensors(values['save-latents'], { init_latents: concat(inits), final_latents: concat(finals) }, { seed: String(job.seed), sampler: job.sampler });
     }

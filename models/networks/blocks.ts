@@ -9,7 +9,7 @@
 import type { Value } from '../onnx/builder.ts';
 import type { Ops } from '../onnx/ops.ts';
 import { conv2d, groupNorm, linear } from './layers.ts';
-import { timeEmbeddingDelta } from './adapter-bank.ts';
+import { linearDelta, timeEmbeddingDelta } from './adapter-bank.ts';
 
 /** Receives the attention probabilities (B, heads, N, M) of a module that was asked for. */
 export type AttentionProbsTap = (probs: Value) => void;
@@ -25,6 +25,11 @@ export interface AttentionOptions {
   readonly tap?: AttentionProbsTap;
   /** Region routing of a cross-attention (Mix-of-Show regionally controllable sampling). */
   readonly regions?: RegionRouting;
+  /**
+   * Additive score bias, broadcast onto the scaled scores (B, heads, N, M): LoRA-Composer's
+   * self-attention isolation (a large negative value where a query may not see a key).
+   */
+  readonly scoreBias?: Value;
 }
 
 /**
@@ -40,6 +45,15 @@ export interface RegionRouting {
   readonly mask: Value;
   /** (B·R, K) adapter mix of each slot's k/v projections, when an adapter bank is present. */
   readonly mix?: Value;
+  /**
+   * Each slot's output also goes through its own adapters on `to_out.0` (with `mix`): composing
+   * after `to_out` as LoRA-Composer does. Since `to_out` is affine, the mean of the slots'
+   * `to_out_r(O_r)` over the covering regions is `to_out(mean O_r) + mean Δ_r(O_r)`, so the slots
+   * share the base projection and add their mean adapter delta.
+   */
+  readonly outputAdapters?: boolean;
+  /** Receives each slot's probabilities over the whole image (B, R, heads, N, S). */
+  readonly tap?: AttentionProbsTap;
 }
 
 /**
@@ -58,16 +72,27 @@ export function attention(g: Ops, x: Value, context: Value | undefined, o: Atten
   const kt = g.transpose(g.reshape(k, splitHeads), [0, 2, 3, 1]); // (B, M, h·d) → (B, h, d, M)
   const vh = g.transpose(g.reshape(v, splitHeads), [0, 2, 1, 3]); // (B, M, h·d) → (B, h, M, d)
   // diffusers scales after the product (baddbmm with alpha = scale).
-  const scores = g.mul(g.matmul(qh, kt), g.scalar(o.dimHead ** -0.5)); // (B, h, N, M)
+  const scaled = g.mul(g.matmul(qh, kt), g.scalar(o.dimHead ** -0.5)); // (B, h, N, M)
+  const scores = o.scoreBias === undefined ? scaled : g.add(scaled, o.scoreBias);
   const probs = g.softmax(scores, { dim: -1 });
   o.tap?.(probs); // (B, h, N, M)
   let out = g.reshape(g.transpose(g.matmul(probs, vh), [0, 2, 1, 3]), [0, 0, inner]); // (B, h, N, d) → (B, N, h·d)
-  if (o.regions !== undefined) out = routeRegions(g, out, qh, o, inner);
-  return g.scope('to_out', () => linear(g, '0', out, inner, o.queryDim, { bias: true }));
+  if (o.regions === undefined) return g.scope('to_out', () => linear(g, '0', out, inner, o.queryDim, { bias: true }));
+  const routed = routeRegions(g, out, qh, o, inner);
+  out = routed.output;
+  const projected = g.scope('to_out', () => linear(g, '0', out, inner, o.queryDim, { bias: true }));
+  if (o.regions.outputAdapters !== true || o.regions.mix === undefined) return projected;
+  // Each slot's own adapter delta on to_out.0, averaged over the covering regions (see RegionRouting).
+  const flat = g.reshape(routed.perSlot, g.concat([g.int64s([-1]), g.shape(routed.perSlot, { start: 2 })], { dim: 0 })); // (B, R, N, h·d) → (B·R, N, h·d)
+  const delta = linearDelta(g, `${g.scopePath}.to_out.0`, flat, inner, o.queryDim, 3, o.regions.mix);
+  if (delta === undefined) return projected;
+  const perSlot = g.reshape(delta, g.concat([g.shape(routed.perSlot, { end: 3 }), g.int64s([o.queryDim])], { dim: 0 })); // (B·R, N, out) → (B, R, N, out)
+  const summed = g.reduceSum(g.mul(perSlot, routed.mask), { dims: [1], keepdim: false }); // (B, N, out)
+  return g.add(projected, g.div(summed, g.max(routed.count, g.scalar(1))));
 }
 
 /** The region slots' attention outputs composed into the global one (see `RegionRouting`). */
-function routeRegions(g: Ops, global: Value, qh: Value, o: AttentionOptions, inner: number): Value {
+function routeRegions(g: Ops, global: Value, qh: Value, o: AttentionOptions, inner: number): { output: Value; perSlot: Value; mask: Value; count: Value } {
   const r = o.regions!;
   const lead = g.shape(r.context, { end: 2 }); // [B, R]
   const flat = g.reshape(r.context, g.concat([g.int64s([-1]), g.shape(r.context, { start: 2 })], { dim: 0 })); // (B·R, S, D)
@@ -78,13 +103,15 @@ function routeRegions(g: Ops, global: Value, qh: Value, o: AttentionOptions, inn
   const kt = g.transpose(g.reshape(k, split), [0, 1, 3, 4, 2]); // (B·R, S, h·d) → (B, R, h, d, S)
   const vh = g.transpose(g.reshape(v, split), [0, 1, 3, 2, 4]); // → (B, R, h, S, d)
   const scores = g.mul(g.matmul(g.unsqueeze(qh, [1]), kt), g.scalar(o.dimHead ** -0.5)); // (B, 1, h, N, d)·(B, R, h, d, S) → (B, R, h, N, S)
-  const slots = g.matmul(g.softmax(scores, { dim: -1 }), vh); // (B, R, h, N, d)
+  const probs = g.softmax(scores, { dim: -1 }); // (B, R, h, N, S)
+  r.tap?.(probs);
+  const slots = g.matmul(probs, vh); // (B, R, h, N, d)
   const perSlot = g.reshape(g.transpose(slots, [0, 1, 3, 2, 4]), [0, 0, 0, inner]); // (B, R, N, h·d)
   const mask = g.unsqueeze(g.reshape(r.mask, [0, 0, -1]), [3]); // (B, R, h, w) → (B, R, N, 1)
   const summed = g.reduceSum(g.mul(perSlot, mask), { dims: [1], keepdim: false }); // (B, N, h·d)
   const count = g.reduceSum(mask, { dims: [1], keepdim: false }); // (B, N, 1)
   const outside = g.sub(g.scalar(1), g.min(count, g.scalar(1)));
-  return g.add(g.mul(global, outside), g.div(summed, g.max(count, g.scalar(1))));
+  return { output: g.add(g.mul(global, outside), g.div(summed, g.max(count, g.scalar(1)))), perSlot, mask, count };
 }
 
 export interface ResnetOptions {

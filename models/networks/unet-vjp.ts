@@ -23,15 +23,23 @@ import type { UnetConfig } from './config.ts';
 /** The level of CLoRA's and LoRA-Composer's maps: the 1/32 grid (16×16 at 512²). */
 export const UNET_VJP_DEFAULT_LEVEL = 2;
 
-export type UnetMap = 'xattn' | 'selfattn';
+export type UnetMap = 'xattn' | 'selfattn' | 'xattn_region';
 
 export interface UnetVjpOptions {
   /** The UNet level whose maps the loss reads (0 = the latent grid). */
   readonly level: number;
   /** Adapter-bank inputs (LoRAs active during the update). */
   readonly adapterBank?: boolean;
-  /** The maps the loss depends on (default both; a loss on xattn alone gets a smaller graph). */
+  /** The maps the loss depends on (default xattn and selfattn, plus xattn_region with regions). */
   readonly maps?: readonly UnetMap[];
+  /**
+   * The regions variant (region slots, see `networks/unet.ts`): the maps then include the slots'
+   * full-image maps `xattn_region` (B, R, N, S), and the gradient flows through the region paths
+   * (their queries depend on sample; their keys, values and the isolation bias do not).
+   */
+  readonly regions?: boolean;
+  readonly selfAttentionIsolation?: boolean;
+  readonly regionOutputAdapters?: boolean;
   /**
    * Also output `debug.grad.<stage>` = ∂L/∂(output of stage) for conv_in, every down block, the mid
    * block and the up blocks below `level` (after their upsampler), as the reference fixtures store them.
@@ -44,12 +52,20 @@ function forwardGraph(config: UnetConfig, options: UnetVjpOptions): Graph {
     attentionMaps: { level: options.level },
     ...(options.adapterBank === true ? { adapterBank: true } : {}),
     ...(options.debugGradients === true ? { debugOutputs: true } : {}),
+    ...(options.regions === true ? { regions: true } : {}),
+    ...(options.selfAttentionIsolation === true ? { selfAttentionIsolation: true } : {}),
+    ...(options.regionOutputAdapters === true ? { regionOutputAdapters: true } : {}),
   });
+}
+
+/** The maps a VJP or truncated forward of these options differentiates / outputs. */
+export function unetMapsOf(options: Pick<UnetVjpOptions, 'maps' | 'regions'>): readonly UnetMap[] {
+  return options.maps ?? (options.regions === true ? ['xattn', 'selfattn', 'xattn_region'] : ['xattn', 'selfattn']);
 }
 
 /** The truncated forward: only what the maps of `level` need (for the loss evaluation before a VJP call). */
 export function buildUnetMapsGraph(config: UnetConfig, options: UnetVjpOptions): Graph {
-  return pruneGraph(forwardGraph(config, { ...options, debugGradients: false }), options.maps ?? ['xattn', 'selfattn']);
+  return pruneGraph(forwardGraph(config, { ...options, debugGradients: false }), unetMapsOf(options));
 }
 
 /** The VJP graph of the maps with respect to `sample` (see the file header). */
@@ -62,7 +78,7 @@ export function buildUnetVjpGraph(config: UnetConfig, options: UnetVjpOptions): 
     for (const stage of stages) probes.push([`debug.grad.${stage}`, debugSource(forward, `debug.${stage}`)]);
   }
   return buildVjpGraph(forward, {
-    outputs: options.maps ?? ['xattn', 'selfattn'],
+    outputs: unetMapsOf(options),
     wrt: 'sample',
     // The engine accepts 1 or B timesteps, so the time embedding never broadcasts the feature maps.
     broadcastsInto: [['timestep_batch', 'batch']],

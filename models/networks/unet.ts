@@ -64,7 +64,27 @@ export interface UnetBuildOptions {
    * every layer acting on pixels. Every cross-attention routes its output by the masks.
    */
   readonly regions?: boolean;
+  /**
+   * With `regions`: concept isolation in every self-attention (LoRA-Composer, Yang et al. 2024,
+   * arXiv 2403.11627): the score (q, k) gets `ISOLATION_BIAS` once per ordered pair of distinct
+   * regions a ∋ q, b ∋ k, i.e. ISOLATION_BIAS · (n_q·n_k − ⟨m_q, m_k⟩) with m_q the query's 0/1
+   * membership vector over the regions and n_q = Σ m_q. Built from the `region_mask.<l>` inputs.
+   */
+  readonly selfAttentionIsolation?: boolean;
+  /**
+   * With `regions` and the adapter bank: each slot's output also goes through its own adapters on
+   * `to_out.0` (composition after `to_out`, LoRA-Composer's region-aware injection; see
+   * `RegionRouting.outputAdapters`).
+   */
+  readonly regionOutputAdapters?: boolean;
 }
+
+/**
+ * The isolation bias per ordered pair of distinct regions. The official code adds −1e6, which is
+ * −inf in fp16 and makes a fully masked row NaN; −1e4 gives the same softmax (exactly 0 after exp
+ * in fp32 and fp16) and stays finite.
+ */
+export const ISOLATION_BIAS = -1e4;
 
 export const REGION_CONTEXT_INPUT = 'region_context';
 export const REGION_LORA_MIX_INPUT = 'region_lora_mix';
@@ -95,9 +115,21 @@ interface Ctx {
   readonly context: Value;
   readonly taps: Map<string, Value>;
   readonly wanted: ReadonlySet<string>;
-  /** Collected (B, h, N, M) probabilities for the level maps. */
-  readonly maps?: { readonly level: number; readonly cross: Value[]; readonly self: Value[] };
-  readonly regions?: { readonly context: Value; readonly masks: readonly Value[]; readonly mix?: Value };
+  /** Collected head-mean maps of the level: cross (B, N, M), self (B, N, N), region slots (B, R, N, S). */
+  readonly maps?: { readonly level: number; readonly cross: Value[]; readonly self: Value[]; readonly regionCross: Value[] };
+  readonly regions?: { readonly context: Value; readonly masks: readonly Value[]; readonly mix?: Value; readonly outputAdapters: boolean; readonly isolation?: Map<number, Value> };
+}
+
+/**
+ * The self-attention isolation bias of one level (see `selfAttentionIsolation`), (B, 1, N, N),
+ * built once per level from the region masks m (B, R, h, w).
+ */
+function isolationBias(g: Ops, mask: Value): Value {
+  const m = g.reshape(mask, [0, 0, -1]); // (B, R, h, w) → (B, R, N)
+  const n = g.reduceSum(m, { dims: [1], keepdim: true }); // (B, 1, N): regions covering each pixel
+  const pairs = g.matmul(g.transpose(n, [0, 2, 1]), n); // (B, N, 1)·(B, 1, N) → n_q·n_k
+  const shared = g.matmul(g.transpose(m, [0, 2, 1]), m); // (B, N, R)·(B, R, N) → ⟨m_q, m_k⟩
+  return g.unsqueeze(g.mul(g.sub(pairs, shared), g.scalar(ISOLATION_BIAS)), [1]); // (B, 1, N, N)
 }
 
 /** float32 arithmetic as torch does it for the frequency table. */
@@ -146,6 +178,10 @@ function basicTransformerBlock(ctx: Ctx, x: Value, dim: number, heads: number, c
   const { g } = ctx;
   const dimHead = dim / heads;
   const blockLevel = unetLevelOf(g.scopePath + '.', ctx.c.blockOutChannels.length);
+  const regionTap =
+    ctx.maps !== undefined && blockLevel === ctx.maps.level && ctx.regions !== undefined
+      ? (probs: Value) => ctx.maps!.regionCross.push(g.reduceMean(probs, { dims: [2], keepdim: false })) // (B, R, h, N, S) → (B, R, N, S)
+      : undefined;
   const tapFor = (module: 'attn1' | 'attn2') => {
     const path = `${g.scopePath}.${module}`;
     const wantedHere = ctx.wanted.has(path);
@@ -160,10 +196,19 @@ function basicTransformerBlock(ctx: Ctx, x: Value, dim: number, heads: number, c
   const tap2 = tapFor('attn2');
   let h = x;
   const n1 = layerNorm(g, 'norm1', h, dim, { eps: TRANSFORMER_LAYER_NORM_EPS });
+  let scoreBias: Value | undefined;
+  const isolation = ctx.regions?.isolation;
+  if (isolation !== undefined && blockLevel !== undefined && !onlyCrossAttention) {
+    scoreBias = isolation.get(blockLevel);
+    if (scoreBias === undefined) {
+      scoreBias = isolationBias(g, ctx.regions!.masks[blockLevel]!);
+      isolation.set(blockLevel, scoreBias);
+    }
+  }
   const a1 = g.scope('attn1', () =>
     onlyCrossAttention
       ? attention(g, n1, ctx.context, { queryDim: dim, kvDim: crossDim, heads, dimHead, qkvBias: false, tap: tap1 })
-      : attention(g, n1, undefined, { queryDim: dim, kvDim: dim, heads, dimHead, qkvBias: false, tap: tap1 }),
+      : attention(g, n1, undefined, { queryDim: dim, kvDim: dim, heads, dimHead, qkvBias: false, tap: tap1, ...(scoreBias === undefined ? {} : { scoreBias }) }),
   );
   h = g.add(a1, h);
   const n2 = layerNorm(g, 'norm2', h, dim, { eps: TRANSFORMER_LAYER_NORM_EPS });
@@ -171,7 +216,13 @@ function basicTransformerBlock(ctx: Ctx, x: Value, dim: number, heads: number, c
   const regions =
     ctx.regions === undefined || level === undefined
       ? undefined
-      : { context: ctx.regions.context, mask: ctx.regions.masks[level]!, ...(ctx.regions.mix === undefined ? {} : { mix: ctx.regions.mix }) };
+      : {
+          context: ctx.regions.context,
+          mask: ctx.regions.masks[level]!,
+          ...(ctx.regions.mix === undefined ? {} : { mix: ctx.regions.mix }),
+          ...(ctx.regions.outputAdapters ? { outputAdapters: true } : {}),
+          ...(regionTap === undefined ? {} : { tap: regionTap }),
+        };
   const a2 = g.scope('attn2', () =>
     attention(g, n2, ctx.context, { queryDim: dim, kvDim: crossDim, heads, dimHead, qkvBias: false, tap: tap2, ...(regions === undefined ? {} : { regions }) }),
   );
@@ -342,9 +393,17 @@ export function buildUnetGraph(config: UnetConfig, options: UnetBuildOptions = {
       const slotMix = g.input(REGION_LORA_MIX_INPUT, 'float32', ['batch', 'regions', 'adapters']);
       mix = g.reshape(slotMix, g.concat([g.int64s([-1]), g.shape(slotMix, { start: 2 })], { dim: 0 })); // (B, R, K) → (B·R, K)
     }
-    regions = { context: regionContext, masks, ...(mix === undefined ? {} : { mix }) };
+    regions = {
+      context: regionContext,
+      masks,
+      ...(mix === undefined ? {} : { mix }),
+      outputAdapters: options.regionOutputAdapters === true,
+      ...(options.selfAttentionIsolation === true ? { isolation: new Map<number, Value>() } : {}),
+    };
+  } else if (options.selfAttentionIsolation === true || options.regionOutputAdapters === true) {
+    throw new ModelError('GRAPH_BUILD', 'self-attention isolation and region output adapters need the regions variant', {});
   }
-  const maps = options.attentionMaps === undefined ? undefined : { level: options.attentionMaps.level, cross: [] as Value[], self: [] as Value[] };
+  const maps = options.attentionMaps === undefined ? undefined : { level: options.attentionMaps.level, cross: [] as Value[], self: [] as Value[], regionCross: [] as Value[] };
   const ctx: Ctx = { g, c, temb, tembChannels, context, taps: new Map(), wanted, ...(maps === undefined ? {} : { maps }), ...(regions === undefined ? {} : { regions }) };
 
   // 2. conv_in; its output is the first skip.
@@ -399,11 +458,13 @@ export function buildUnetGraph(config: UnetConfig, options: UnetBuildOptions = {
     g.output(g.reshape(probs, g.concat([g.int64s([-1]), g.shape(probs, { start: 2 })], { dim: 0 })), `attn_probs.${module}`, 'float32', ['batch_heads', 'queries', 'keys']);
   }
   if (ctx.maps !== undefined) {
-    const { cross, self, level } = ctx.maps;
+    const { cross, self, regionCross, level } = ctx.maps;
     if (cross.length === 0) throw new ModelError('GRAPH_BUILD', `attention maps: no transformer block on level ${level} of this UNet`, { level });
     const average = (parts: Value[]) => g.div(parts.slice(1).reduce((acc, p) => g.add(acc, p), parts[0]!), g.scalar(parts.length));
     g.output(average(cross), 'xattn', 'float32', ['batch', 'queries', 'sequence']);
     g.output(average(self), 'selfattn', 'float32', ['batch', 'queries', 'queries']);
+    // Region slots: each slot's probabilities over the whole image (full query against the slot's keys).
+    if (regionCross.length > 0) g.output(average(regionCross), 'xattn_region', 'float32', ['batch', 'regions', 'queries', 'region_sequence']);
   }
   return g.finish();
 }

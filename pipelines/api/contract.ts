@@ -47,7 +47,7 @@ export class ApiFailure extends Error {
 
 // ---- wire types --------------------------------------------------------------------------------
 
-export type StrategyNameWire = 'plain' | 'merge' | 'switch' | 'composite' | 'cmlora' | 'regions';
+export type StrategyNameWire = 'plain' | 'merge' | 'switch' | 'composite' | 'cmlora' | 'regions' | 'clora' | 'lora-composer';
 export type LoraModeWire = 'auto' | 'bank' | 'merged';
 export type RngWire = 'cpu' | 'nv';
 export type EmphasisWire = 'original' | 'no-norm' | 'ignore' | 'none';
@@ -67,6 +67,42 @@ export interface StrategyPayload {
   readonly frequencyClasses?: ReadonlyArray<'high' | 'low'>;
   readonly phaseRule?: 'offline' | 'online' | 'online-official';
   readonly official?: boolean;
+  /** CLoRA, LoRA-Composer: words of the prompt bound to a LoRA (LoRA-Composer: one per region, words only). */
+  readonly concepts?: readonly ConceptPayload[];
+  readonly clora?: CloraKnobsPayload;
+  readonly loraComposer?: ComposerKnobsPayload;
+}
+
+export interface ConceptPayload {
+  readonly words: string;
+  readonly otherWords?: string;
+  readonly lora?: LoraPayload;
+  readonly prompt?: string;
+}
+
+export interface CloraKnobsPayload {
+  readonly stepSize?: number;
+  readonly updateUntil?: number;
+  readonly refineSteps?: readonly number[];
+  readonly refineRounds?: number;
+  readonly maskThreshold?: number;
+  readonly maskAfter?: number;
+  readonly temperature?: number;
+  readonly morphology?: ReadonlyArray<'dilate' | 'erode' | 'opening' | 'closing'>;
+  readonly latentUpdate?: boolean;
+}
+
+export interface ComposerKnobsPayload {
+  readonly stepSize?: number;
+  readonly refineUntil?: number;
+  readonly earlyStopFrom?: number;
+  readonly weights?: { readonly box: number; readonly fill: number; readonly region: number };
+  readonly topKRatio?: number;
+  readonly isolation?: boolean;
+  readonly reinit?: boolean;
+  readonly fillLoss?: boolean;
+  readonly gaussianBox?: boolean;
+  readonly regionLoss?: boolean;
 }
 
 export interface RegionPayload {
@@ -435,7 +471,7 @@ export const v = {
   },
 };
 
-const STRATEGY_WIRE_NAMES: readonly StrategyNameWire[] = ['plain', 'merge', 'switch', 'composite', 'cmlora', 'regions'];
+const STRATEGY_WIRE_NAMES: readonly StrategyNameWire[] = ['plain', 'merge', 'switch', 'composite', 'cmlora', 'regions', 'clora', 'lora-composer'];
 export const DEVICE_WIRE_NAMES: readonly DeviceWire[] = ['auto', 'cpu', 'cuda', 'dml', 'coreml', 'webgpu'];
 
 const lora = v.object({ name: v.string({ nonEmpty: true, max: 4096 }), te: v.number({ min: -10, max: 10 }), unet: v.number({ min: -10, max: 10 }) });
@@ -449,6 +485,39 @@ const strategy = v.object({
   frequencyClasses: o(v.array(v.oneOf(['high', 'low'] as const), 256)),
   phaseRule: o(v.oneOf(['offline', 'online', 'online-official'] as const)),
   official: o(v.boolean()),
+  concepts: o(
+    v.array(
+      v.object({ words: v.string({ nonEmpty: true, max: 1000 }), otherWords: o(v.string({ max: 1000 })), lora: o(lora), prompt: o(v.string()) }),
+      64,
+    ),
+  ),
+  clora: o(
+    v.object({
+      stepSize: o(v.number({ min: 0, max: 1e4 })),
+      updateUntil: o(v.number({ integer: true, min: 0, max: 1000 })),
+      refineSteps: o(v.array(v.number({ integer: true, min: 0, max: 1000 }), 1000)),
+      refineRounds: o(v.number({ integer: true, min: 0, max: 1000 })),
+      maskThreshold: o(v.number({ min: 0, max: 1 })),
+      maskAfter: o(v.number({ integer: true, min: 0, max: 1000 })),
+      temperature: o(v.number({ min: 1e-3, max: 100 })),
+      morphology: o(v.array(v.oneOf(['dilate', 'erode', 'opening', 'closing'] as const), 16)),
+      latentUpdate: o(v.boolean()),
+    }),
+  ),
+  loraComposer: o(
+    v.object({
+      stepSize: o(v.number({ min: 0, max: 1e4 })),
+      refineUntil: o(v.number({ integer: true, min: 0, max: 1000 })),
+      earlyStopFrom: o(v.number({ integer: true, min: 0, max: 1000 })),
+      weights: o(v.object({ box: v.number({ min: 0, max: 1e4 }), fill: v.number({ min: 0, max: 1e4 }), region: v.number({ min: 0, max: 1e4 }) })),
+      topKRatio: o(v.number({ min: 0, max: 1 })),
+      isolation: o(v.boolean()),
+      reinit: o(v.boolean()),
+      fillLoss: o(v.boolean()),
+      gaussianBox: o(v.boolean()),
+      regionLoss: o(v.boolean()),
+    }),
+  ),
 });
 
 const regionFields = v.object({ prompt: v.string(), box: o(v.box()), maskPng: o(v.string({ max: MAX_BASE64_CHARS })), negativePrompt: o(v.string()), lora: o(lora) });

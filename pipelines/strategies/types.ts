@@ -3,6 +3,12 @@
  * asks the strategy which denoiser branches to run at each step, runs them (batched), and lets the
  * strategy combine the outputs into one noise prediction, guidance included.
  *
+ * Gradient-guided strategies (CLoRA, LoRA-Composer) also implement `update`: before a step's
+ * branches, it may move the latents (z ← z − η·∂L/∂z from attention maps, latent
+ * re-initialisation) with `LatentTools` — the loop's own batched denoiser calls, plus the maps-only
+ * pass and the VJP — and may hand back the outputs its last forward already produced
+ * (docs/design-notes.md, "Latent updates").
+ *
  * State lives in the object `begin` returns, never in module globals or on the loop.
  */
 import type { Tensor } from '../../models/index.ts';
@@ -17,6 +23,27 @@ export interface BranchRegions {
   readonly mix?: Tensor<'float32'>;
   /** Per level: (1, K, h_l, w_l) per-pixel adapter strengths (with LoRAs). */
   readonly mixMaps?: readonly Tensor<'float32'>[];
+  /** LoRA-Composer's self-attention isolation between the regions. */
+  readonly isolation?: boolean;
+  /** Each slot's output through its own adapters on to_out.0 (LoRA-Composer's composition after to_out). */
+  readonly outputAdapters?: boolean;
+}
+
+/** Head- and layer-averaged attention maps of the 1/32 grid (UNet level 2), flat, for the branch's B images. */
+export interface BranchMaps {
+  /** Cross-attention (B, N, S). */
+  readonly xattn: Float32Array;
+  /** Self-attention (B, N, N). */
+  readonly selfattn: Float32Array;
+  /** Region slots over the whole image (B, R, N, S_r), for branches with regions. */
+  readonly xattnRegion?: Float32Array;
+}
+
+/** ∂L/∂(maps) of one branch, shaped like its `BranchMaps` (absent maps: zero cotangent). */
+export interface MapCotangents {
+  readonly xattn?: Float32Array;
+  readonly selfattn?: Float32Array;
+  readonly xattnRegion?: Float32Array;
 }
 
 export interface StepContext {
@@ -52,6 +79,8 @@ export interface Branch {
   readonly keepDeepFeature?: boolean;
   /** Region slots (the regions strategy). */
   readonly regions?: BranchRegions;
+  /** Also return this branch's 1/32-grid attention maps. */
+  readonly attentionMaps?: boolean;
 }
 
 /** What one branch produced for the whole batch. */
@@ -60,6 +89,30 @@ export interface BranchOutput {
   readonly eps: Float32Array;
   /** The deep feature (B, C₁, h, w), flat, when the branch asked to keep it. */
   readonly deepFeature?: Float32Array;
+  /** The attention maps, when the branch asked for them. */
+  readonly maps?: BranchMaps;
+}
+
+/**
+ * What `update` may use at one evaluation: the denoiser at this timestep on any latents, batched as
+ * the loop batches branches (model-input scaling applied).
+ */
+export interface LatentTools {
+  /** The branches' full passes at these latents (B, C, h, w). */
+  run(branches: readonly Branch[], latents: Float32Array): Promise<BranchOutput[]>;
+  /** The branches' attention maps only (the UNet up to its last 1/32-grid layer). */
+  maps(branches: readonly Branch[], latents: Float32Array): Promise<BranchMaps[]>;
+  /**
+   * ∂L/∂latents for L = Σ_i ⟨cotangents[i], maps of branch i⟩ (every branch reads the same
+   * latents, so their gradients add up), with the maps the VJP pass computed on the way.
+   */
+  vjp(branches: readonly Branch[], latents: Float32Array, cotangents: readonly MapCotangents[]): Promise<{ grad: Float32Array; maps: BranchMaps[] }>;
+}
+
+/** A latent update: the new latents, and optionally the step's branch outputs (then not run again). */
+export interface LatentUpdate {
+  readonly latents: Float32Array;
+  readonly outputs?: readonly BranchOutput[];
 }
 
 export interface Strategy<State> {
@@ -68,4 +121,9 @@ export interface Strategy<State> {
   branches(state: State, ctx: StepContext): readonly Branch[];
   /** `outputs[i]` is what branch i produced. Returns ε (B, C, h, w), flat. */
   combine(state: State, ctx: StepContext, outputs: readonly BranchOutput[]): Float32Array;
+  /**
+   * Optional: move the latents before this evaluation's branches (`ctx.latents` are the current
+   * ones). Returning `outputs` (one per branch `branches` would name) skips the loop's own call.
+   */
+  update?(state: State, ctx: StepContext, tools: LatentTools): Promise<LatentUpdate | undefined>;
 }
