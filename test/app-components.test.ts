@@ -4,7 +4,8 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import type { LoraCard } from '../pipelines/api/contract.ts';
+import { VALIDATORS, type LoraCard } from '../pipelines/api/contract.ts';
+import { compositionPayload, conceptsFromJob } from '../renderer/lib/concept-payload.ts';
 import { defaultForm, formFromPayload, formPayload } from '../renderer/lib/job-settings.ts';
 import { addTriggerWords, bareText, conceptOwner, promptWords, pruneConcepts, removeTriggerWords, toggleConceptWord } from '../renderer/lib/prompt-tokens.ts';
 import { MIN_BOX_PX, boxFromDrag, moveBox, refitRegions, regionAt, regionWarnings, regionsPayload, resizeBox, type Region } from '../renderer/lib/region-geometry.ts';
@@ -190,4 +191,54 @@ test('form and job: random seeds are sent as -1, fixed ones as typed; a loaded j
   const back = formFromPayload({ prompt: 'y', steps: 4, width: 64, height: 128, seed: '1234', sampler: 'Euler a', strategy: { name: 'switch', switchEvery: 3 } }, form);
   assert.deepEqual([back.prompt, back.steps, back.width, back.height, back.seedMode, back.seed, back.sampler, back.strategy, back.knobs], ['y', 4, 64, 128, 'fixed', '1234', 'Euler a', 'switch', { switchEvery: 3 }]);
   assert.deepEqual(formPayload(back).strategy, { name: 'switch', switchEvery: 3 });
+});
+
+// ---- concept words → the job (CLoRA, LoRA-Composer), where each LoRA acts ----
+
+test('concepts: CLoRA makes each LoRA owning words a concept slot, in stack order, words as the prompt spells them; the others stay job LoRAs', () => {
+  const cat = { ...entryFromCard(card('cat_lora'), 'kc'), te: 0.8, unet: 0.9 };
+  const dog = entryFromCard(card('dog_lora'), 'kd');
+  const style = entryFromCard(card('ink_style'), 'ks');
+  const prompt = 'a Sks cat and a xyz DOG, ink';
+  const concepts = toggleConceptWord(toggleConceptWord(toggleConceptWord(toggleConceptWord({}, 'kd', 'DOG'), 'kc', 'cat'), 'kc', 'Sks'), 'kd', 'xyz');
+  const out = compositionPayload({ strategy: 'clora', prompt, stack: [style, cat, dog], regionLoras: [], regionPrompts: [], concepts });
+  assert.deepEqual(out.loras, [{ name: 'ink_style', te: 1, unet: 1 }]);
+  assert.deepEqual(out.concepts, [
+    { words: 'Sks cat', lora: { name: 'cat_lora', te: 0.8, unet: 0.9 } },
+    { words: 'xyz DOG', lora: { name: 'dog_lora', te: 1, unet: 1 } },
+  ]);
+  // a disabled LoRA is neither a concept nor a job LoRA
+  const off = compositionPayload({ strategy: 'clora', prompt, stack: [style, cat, { ...dog, enabled: false }], regionLoras: [], regionPrompts: [], concepts });
+  assert.deepEqual(off.concepts?.map((c) => c.lora?.name), ['cat_lora']);
+  // the payload passes the API validator
+  const job = VALIDATORS['jobs.generate']({ job: { prompt, loras: out.loras, strategy: { name: 'clora', concepts: out.concepts, clora: { stepSize: 10 } } } }, '');
+  assert.equal(job.job.strategy?.concepts?.length, 2);
+});
+
+test('concepts: regions and LoRA-Composer keep region LoRAs out of the job LoRAs; Composer takes each region\'s words from its prompt', () => {
+  const cat = entryFromCard(card('cat_lora'), 'kc');
+  const dog = entryFromCard(card('dog_lora'), 'kd');
+  const bg = entryFromCard(card('park'), 'kb');
+  const concepts = toggleConceptWord(toggleConceptWord(toggleConceptWord({}, 'kc', 'cat'), 'kc', 'sks'), 'kd', 'dog');
+  const input = { prompt: 'a sks cat and a dog in a park', stack: [bg, cat, dog], regionLoras: ['kc', 'kd', null], regionPrompts: ['a Sks Cat', 'a brown dog', 'grass'], concepts };
+  const regions = compositionPayload({ ...input, strategy: 'regions' });
+  assert.deepEqual(regions.loras.map((l) => l.name), ['park']);
+  assert.equal(regions.concepts, undefined);
+  const composer = compositionPayload({ ...input, strategy: 'lora-composer' });
+  assert.deepEqual(composer.loras.map((l) => l.name), ['park']);
+  assert.deepEqual(composer.concepts, [{ words: 'Sks Cat' }, { words: 'dog' }, { words: '' }]);
+  // a region without concept words is refused by the validator, naming the field
+  assert.throws(() => VALIDATORS['jobs.generate']({ job: { prompt: 'x', strategy: { name: 'lora-composer', concepts: composer.concepts } } }, ''), /strategy\.concepts\[2\]\.words/);
+  // other strategies: every enabled stack LoRA applies to the whole image
+  assert.deepEqual(compositionPayload({ ...input, strategy: 'merge' }).loras.map((l) => l.name), ['park', 'cat_lora', 'dog_lora']);
+});
+
+test('concepts: a loaded job gives the token picker its words back; dotted knobs nest in the payload and flatten back', () => {
+  const map = conceptsFromJob('clora', [{ words: 'Sks cat' }, { words: 'xyz dog' }], (i) => ['k1', null][i] ?? null);
+  assert.deepEqual(map, { k1: ['sks', 'cat'] });
+  assert.deepEqual(conceptsFromJob('merge', [{ words: 'a' }], () => 'k'), {});
+  const form = { ...defaultForm(), strategy: 'clora' as const, knobs: { 'clora.stepSize': 12, 'clora.latentUpdate': false } };
+  const payload = formPayload(form);
+  assert.deepEqual(payload.strategy, { name: 'clora', clora: { stepSize: 12, latentUpdate: false } });
+  assert.deepEqual(formFromPayload(payload, defaultForm()).knobs, { 'clora.stepSize': 12, 'clora.latentUpdate': false });
 });

@@ -9,7 +9,8 @@ import assert from 'node:assert/strict';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { EngineHost, JobQueue, OPERATIONS, normalizeJob, type ApiError, type OpName } from '../pipelines/index.ts';
+import { EngineHost, JobQueue, OPERATIONS, normalizeJob, readImageMetadata, type ApiError, type OpName } from '../pipelines/index.ts';
+import type { JobSummary } from '../pipelines/api/contract.ts';
 import { SD15_LATENT_RGB, latentToRgb } from '../pipelines/api/latent-preview.ts';
 import { settingsFromImage } from '../pipelines/api/settings-from-image.ts';
 import { FIXTURES, REALWORLD } from './fixtures.ts';
@@ -274,4 +275,44 @@ test('the latent preview maps each latent channel through the published SD 1.x f
   const rgb = latentToRgb(two, 1, 2);
   assert.deepEqual([...rgb.subarray(0, 3)], [128, 128, 128]);
   assert.deepEqual([...rgb.subarray(3)], SD15_LATENT_RGB[0]!.map((f) => Math.round(((2 * f + 1) / 2) * 255)));
+});
+
+test('the app runs CLoRA and LoRA-Composer jobs: concepts bound to LoRAs reach the image metadata; a missing concept is refused naming the field', { timeout: 180_000 }, async () => {
+  const host = new EngineHost({ settingsFile: null, settings: { outputDir: path.join(tmp, 'out-gradient'), device: 'cpu', loraDirs: [path.join(FIXTURES, 'tiny-sd15-lora')] }, cacheDir: path.join(tmp, 'cache'), queueFile: path.join(tmp, 'queue', 'queue.sqlite') });
+  await host.call('models.open', { path: MODEL });
+  const done = new Map<string, JobSummary>();
+  host.subscribe((e) => {
+    if (e.type === 'job.status' && (e.job.status === 'done' || e.job.status === 'failed')) done.set(e.id, e.job);
+  });
+  const base = { steps: 2, width: 64, height: 64, seed: '3', cfgScale: 7, sampler: 'DDIM' };
+  const clora = await host.call('jobs.generate', {
+    job: { ...base, prompt: 'a sks dog and a sks cat', strategy: { name: 'clora', concepts: [{ words: 'sks dog', lora: { name: 'lora_kohya_a', te: 1, unet: 1 } }, { words: 'sks cat', lora: { name: 'lora_kohya_b_locon', te: 0.8, unet: 0.8 } }], clora: { refineRounds: 1 } } },
+  });
+  const composer = await host.call('jobs.generate', {
+    job: {
+      ...base,
+      prompt: 'a dog and a cat',
+      regions: [
+        { box: [0, 0, 32, 64], prompt: 'a sks dog', lora: { name: 'lora_kohya_a', te: 1, unet: 1 } },
+        { box: [32, 0, 32, 64], prompt: 'a sks cat', lora: { name: 'lora_kohya_b_locon', te: 1, unet: 1 } },
+      ],
+      strategy: { name: 'lora-composer', concepts: [{ words: 'sks dog' }, { words: 'sks cat' }] },
+    },
+  });
+  const e = await failure(host, 'jobs.generate', { job: { ...base, prompt: 'a dog', regions: [{ box: [0, 0, 32, 64], prompt: 'a dog' }], strategy: { name: 'lora-composer' } } });
+  assert.equal(e.code, 'BAD_ARGUMENT');
+  assert.equal(e.details.field, 'job.strategy.concepts');
+  const deadline = Date.now() + 170_000;
+  while ((!done.has(clora.id) || !done.has(composer.id)) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+  for (const [id, name, words] of [[clora.id, 'clora', ['sks dog', 'sks cat']], [composer.id, 'lora-composer', ['sks dog', 'sks cat']]] as const) {
+    const job = done.get(id);
+    assert.equal(job?.status, 'done', `${name}: ${JSON.stringify(job?.error)}`);
+    assert.equal(job.images.length, 1);
+    const meta = readImageMetadata(fs.readFileSync(path.resolve(tmp, 'out-gradient', job.images[0]!)));
+    const record = meta.sources.find((s) => s.kind === 'chorus')?.job as { job?: unknown } | undefined;
+    const stored = record?.job as { strategy?: { name?: string; concepts?: Array<{ words: string }> } } | undefined;
+    assert.equal(stored?.strategy?.name, name);
+    assert.deepEqual(stored?.strategy?.concepts?.map((c) => c.words), words);
+  }
+  await host.dispose();
 });

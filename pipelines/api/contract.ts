@@ -139,9 +139,24 @@ export interface JobPayload {
 }
 
 export interface StrategyKnob {
-  readonly name: 'switchEvery' | 'cacheInterval' | 'phaseRule' | 'official';
+  /** A field of the strategy payload; dotted: a field of its knob object (`clora.stepSize` → `strategy.clora.stepSize`). */
+  readonly name:
+    | 'switchEvery'
+    | 'cacheInterval'
+    | 'phaseRule'
+    | 'official'
+    | 'clora.stepSize'
+    | 'clora.refineRounds'
+    | 'clora.maskThreshold'
+    | 'clora.latentUpdate'
+    | 'loraComposer.stepSize'
+    | 'loraComposer.topKRatio'
+    | 'loraComposer.isolation'
+    | 'loraComposer.reinit';
   readonly label: string;
-  readonly kind: 'int' | 'choice' | 'boolean';
+  /** int: whole numbers; number: any number from min to max in `step` increments. */
+  readonly kind: 'int' | 'number' | 'choice' | 'boolean';
+  readonly step?: number;
   readonly default: number | string | boolean;
   readonly min?: number;
   readonly max?: number;

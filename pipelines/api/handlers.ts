@@ -22,6 +22,8 @@ import { JOB_DEFAULTS, LATENT_SCALE, MAX_REGIONS, MAX_SIDE_PX, MAX_STEPS, MIN_SI
 import { engineModels } from '../models.ts';
 import { A1111_SAMPLERS, A1111_SCHEDULE_TYPES } from '../schedulers/index.ts';
 import { CMLORA_DEFAULTS } from '../strategies/cmlora.ts';
+import { cloraDefaults } from '../strategies/clora.ts';
+import { composerDefaults } from '../strategies/lora-composer.ts';
 import { STRATEGY_NAMES, STRATEGY_SUMMARIES, type StrategyName, type StrategySpec } from '../strategies/index.ts';
 import { SWITCH_DEFAULTS } from '../strategies/switch.ts';
 import { generate } from '../text-to-image.ts';
@@ -101,6 +103,9 @@ const PNG_MAGIC = [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a];
 const QUEUE_DEFAULT_LIMIT = 200;
 /** A gallery file name: a plain `.png` name, no folders, not hidden. */
 const GALLERY_FILE = /^[^/\\.][^/\\]*\.png$/i;
+/** Step-count-free knob defaults (the step thresholds scale with the steps; the engine fills them). */
+const CLORA_KNOB_DEFAULTS = cloraDefaults(50);
+const COMPOSER_KNOB_DEFAULTS = composerDefaults(50);
 const STRATEGIES_WITH_CONCEPT_WORDS: readonly string[] = ['clora', 'lora-composer'];
 
 function version(): string {
@@ -130,7 +135,21 @@ function strategyInfos(): StrategyInfo[] {
               { name: 'phaseRule', label: 'phase rule', kind: 'choice', default: CMLORA_DEFAULTS.phaseRule, choices: ['offline', 'online', 'online-official'] },
               { name: 'official', label: "reproduce the official code's quirks", kind: 'boolean', default: CMLORA_DEFAULTS.official },
             ]
-          : [];
+          : name === 'clora'
+            ? [
+                { name: 'clora.stepSize', label: 'latent step size (η)', kind: 'number', default: CLORA_KNOB_DEFAULTS.stepSize, min: 0, max: 200, step: 1 },
+                { name: 'clora.refineRounds', label: 'extra rounds at refinement steps', kind: 'int', default: CLORA_KNOB_DEFAULTS.refineRounds, min: 0, max: 100 },
+                { name: 'clora.maskThreshold', label: 'mask threshold (of each map’s max)', kind: 'number', default: CLORA_KNOB_DEFAULTS.maskThreshold, min: 0, max: 1, step: 0.05 },
+                { name: 'clora.latentUpdate', label: 'contrastive latent updates (off: masked fusion only)', kind: 'boolean', default: CLORA_KNOB_DEFAULTS.latentUpdate },
+              ]
+            : name === 'lora-composer'
+              ? [
+                  { name: 'loraComposer.stepSize', label: 'latent step size (η)', kind: 'number', default: COMPOSER_KNOB_DEFAULTS.stepSize, min: 0, max: 200, step: 1 },
+                  { name: 'loraComposer.topKRatio', label: 'top-k ratio of each box', kind: 'number', default: COMPOSER_KNOB_DEFAULTS.topKRatio, min: 0, max: 1, step: 0.05 },
+                  { name: 'loraComposer.isolation', label: 'isolate the concepts in self-attention', kind: 'boolean', default: COMPOSER_KNOB_DEFAULTS.isolation },
+                  { name: 'loraComposer.reinit', label: 're-initialise the latents in the boxes', kind: 'boolean', default: COMPOSER_KNOB_DEFAULTS.reinit },
+                ]
+              : [];
     // Every registered strategy runs; `available: false` is for names a job schema reserves ahead of their code.
     return { name, summary: STRATEGY_SUMMARIES[name], knobs, available: true, usesConceptWords: STRATEGIES_WITH_CONCEPT_WORDS.includes(name) };
   });

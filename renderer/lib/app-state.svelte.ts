@@ -6,9 +6,10 @@
 import type { ApiError, ApiEvent, AppInfo, BatchQueueView, GalleryItem, JobPayload, JobSummary, LoadedSettings, LoraCard, ModelScan, ModelStatus, Settings } from '../../pipelines/api/contract.ts';
 import { asApiError, createApi, type ChorusApi } from './api.ts';
 import { defaultForm, formFromPayload, formPayload, randomSeed, type GenerationForm } from './job-settings.ts';
+import { compositionPayload, conceptsFromJob } from './concept-payload.ts';
 import { pruneConcepts, toggleConceptWord, type ConceptMap } from './prompt-tokens.ts';
 import { nextColor, refitRegions, regionWarnings, regionsPayload, type Box, type Region } from './region-geometry.ts';
-import { addEntry, entryFromCard, moveBefore, newKey, removeEntry, setEnabled, setSplit, setWeight, stackLoras, type StackEntry } from './stack-model.ts';
+import { addEntry, entryFromCard, moveBefore, newKey, removeEntry, setEnabled, setSplit, setWeight, type StackEntry } from './stack-model.ts';
 
 export type Screen = 'create' | 'models' | 'gallery' | 'compare' | 'queue';
 export type RegionTool = 'select' | 'box' | 'mask' | 'erase';
@@ -271,7 +272,17 @@ export class AppState {
       return e === undefined ? undefined : { name: e.name, te: e.te, unet: e.unet };
     };
     const regions = this.regions.length === 0 ? [] : regionsPayload(this.regions, loraOf, this.masks);
-    return { ...formPayload(form), loras: stackLoras(stack), ...(regions.length === 0 ? {} : { regions }) };
+    const base = formPayload(form);
+    const { loras, concepts } = compositionPayload({
+      strategy: form.strategy,
+      prompt: form.prompt,
+      stack,
+      regionLoras: this.regions.map((r) => r.loraKey),
+      regionPrompts: this.regions.map((r) => r.prompt),
+      concepts: this.concepts,
+    });
+    const strategy = concepts === undefined ? base.strategy : { ...base.strategy!, concepts };
+    return { ...base, strategy, loras, ...(regions.length === 0 ? {} : { regions }) };
   }
 
   async generate(): Promise<void> {
@@ -376,15 +387,25 @@ export class AppState {
       const card = this.loras.find((c) => c.name === l.name || c.alias === l.name || c.path === l.name);
       stack.push({ key: newKey(), name: card?.name ?? l.name, path: card?.path ?? null, te: l.te, unet: l.unet, split: l.te !== l.unet, enabled: true, triggerWords: card?.triggerWords.slice(0, 3) ?? [] });
     }
+    // Concept and region LoRAs are not job LoRAs (they act in their slot or region only): they join
+    // the stack too, found again by name when the same LoRA is also a job LoRA.
+    const entryFor = (l: { name: string; te: number; unet: number }, reuse: boolean): string => {
+      const same = reuse ? stack.find((e) => e.name === l.name && e.te === l.te && e.unet === l.unet) : undefined;
+      if (same !== undefined) return same.key;
+      const card = this.loras.find((x) => x.name === l.name || x.alias === l.name || x.path === l.name);
+      const key = newKey();
+      stack.push({ key, name: card?.name ?? l.name, path: card?.path ?? null, te: l.te, unet: l.unet, split: l.te !== l.unet, enabled: true, triggerWords: card?.triggerWords.slice(0, 3) ?? [] });
+      return key;
+    };
+    const conceptKeys = (job.strategy?.name === 'clora' ? (job.strategy.concepts ?? []) : []).map((c) => (c.lora === undefined ? null : entryFor(c.lora, false)));
+    const boxes = (job.regions ?? []).filter((r) => r.box !== undefined);
+    const regionKeys = boxes.map((r) => (r.lora === undefined ? null : entryFor(r.lora, true)));
     this.stack = stack;
     const missing = stack.filter((e) => e.path === null).map((e) => e.name);
     this.notice = missing.length > 0 ? `Settings loaded; not in your LoRA library: ${missing.join(', ')}` : 'Settings loaded';
-    this.regions = (job.regions ?? [])
-      .filter((r) => r.box !== undefined)
-      .map((r, i) => {
-        const entry = r.lora === undefined ? undefined : stack.find((e) => e.name === r.lora!.name);
-        return { id: newKey(), kind: 'box' as const, box: r.box!, prompt: r.prompt, loraKey: entry?.key ?? null, color: nextColor(this.regions.slice(0, i)) };
-      });
+    this.regions = boxes.map((r, i) => ({ id: newKey(), kind: 'box' as const, box: r.box!, prompt: r.prompt, loraKey: regionKeys[i] ?? null, color: nextColor(this.regions.slice(0, i)) }));
+    const strategy = job.strategy?.name ?? 'plain';
+    this.concepts = conceptsFromJob(strategy, job.strategy?.concepts ?? [], (i) => (strategy === 'clora' ? (conceptKeys[i] ?? null) : (regionKeys[i] ?? null)));
     this.masks = {};
     this.maskViews = {};
     this.screen = 'create';

@@ -41,8 +41,35 @@ export function defaultForm(): GenerationForm {
   };
 }
 
+/**
+ * Knobs are flat in the form; a dotted name (`clora.stepSize`) is a field of a nested knob object
+ * of the payload (`strategy.clora.stepSize`).
+ */
 export function strategyPayload(form: Pick<GenerationForm, 'strategy' | 'knobs'>): StrategyPayload {
-  return { name: form.strategy, ...form.knobs } as StrategyPayload;
+  const out: Record<string, unknown> = { name: form.strategy };
+  for (const [k, v] of Object.entries(form.knobs)) {
+    const dot = k.indexOf('.');
+    if (dot < 0) {
+      out[k] = v;
+      continue;
+    }
+    const group = k.slice(0, dot);
+    out[group] = { ...(out[group] as Record<string, unknown> | undefined), [k.slice(dot + 1)]: v };
+  }
+  return out as unknown as StrategyPayload;
+}
+
+/** The payload's knobs flattened back into the form's (`clora.stepSize`); concepts are not knobs. */
+function flatKnobs(strategy: Omit<StrategyPayload, 'name'>): Record<string, number | string | boolean> {
+  const out: Record<string, number | string | boolean> = {};
+  const scalar = (v: unknown): v is number | string | boolean => typeof v === 'number' || typeof v === 'string' || typeof v === 'boolean';
+  for (const [k, v] of Object.entries(strategy)) {
+    if (scalar(v)) out[k] = v;
+    else if ((k === 'clora' || k === 'loraComposer') && typeof v === 'object' && v !== null) {
+      for (const [kk, vv] of Object.entries(v as Record<string, unknown>)) if (scalar(vv)) out[`${k}.${kk}`] = vv;
+    }
+  }
+  return out;
 }
 
 /** The job for the form (LoRAs and regions are added by the caller). */
@@ -79,7 +106,7 @@ export function formFromPayload(job: JobPayload, base: GenerationForm): Generati
     seedMode: job.seed === undefined || String(job.seed) === '-1' ? base.seedMode : 'fixed',
     seed: job.seed === undefined ? base.seed : String(job.seed),
     strategy: name,
-    knobs: Object.fromEntries(Object.entries(knobs).filter(([, v]) => typeof v === 'number' || typeof v === 'string' || typeof v === 'boolean')) as Record<string, number | string | boolean>,
+    knobs: flatKnobs(knobs),
   };
 }
 
