@@ -13,7 +13,9 @@ import { buildClipTextGraph } from './networks/clip-text.ts';
 import { buildUnetGraph } from './networks/unet.ts';
 import { buildVaeDecoderGraph, buildVaeEncoderGraph } from './networks/vae.ts';
 import type { Graph } from './onnx/builder.ts';
-import { OrtSession, type Device, type ProviderChoice } from './runtime.ts';
+import { OrtSession, resolveProviders, type ConcreteDevice, type Device, type ProviderChoice, type WebGpuStatus } from './runtime.ts';
+import { choosePrecision, type Precision, type PrecisionChoice } from './device.ts';
+import { floatToHalf, halfToFloat } from './tensor.ts';
 import type { Tensor } from './tensor.ts';
 import { toFloat32 } from './tensor.ts';
 import { bindWeights, type BindReport } from './weights.ts';
@@ -33,6 +35,12 @@ export type GraphKind = 'text_encoder' | 'unet' | 'vae_decoder' | 'vae_encoder';
 
 export interface EngineOptions extends OpenModelOptions {
   readonly device?: Device;
+  /** Weight precision: `auto` (default) = fp16 where the device supports it (see models/device.ts), else fp32. */
+  readonly precision?: 'auto' | Precision;
+  /** Keep reused UNet inputs (text conditioning, LoRA bank) on the device between calls (WebGPU; default true). */
+  readonly residentInputs?: boolean;
+  /** Apply `precision` even where the device would not choose it (numerics checks: fp16 weights on the CPU). */
+  readonly forcePrecision?: boolean;
   readonly cacheDir?: string;
   readonly threads?: number;
 }
@@ -192,6 +200,26 @@ export interface UnetVjpOutput {
 
 const COMPONENT_OF: Readonly<Record<GraphKind, Component>> = { text_encoder: 'text_encoder', unet: 'unet', vae_decoder: 'vae', vae_encoder: 'vae' };
 
+/** The provider a session will most likely get, decided before graphs are built (see `Sd15Engine.plan`). */
+export interface DevicePlan {
+  readonly device: ConcreteDevice;
+  readonly webgpu?: WebGpuStatus;
+  readonly precision: PrecisionChoice;
+}
+
+/** fp16 weights, fp32 compute: every weight rounded to the nearest float16 (after any LoRA merge). */
+function fp16WeightsPatch(inner: ParamPatch | undefined): ParamPatch {
+  return {
+    key: `fp16-weights${inner === undefined ? '' : `|${inner.key}`}`,
+    apply(name, values, storedShape) {
+      const v = inner?.apply(name, values, storedShape) ?? values;
+      const out = new Float32Array(v.length);
+      for (let i = 0; i < v.length; i++) out[i] = halfToFloat(floatToHalf(v[i]!));
+      return out;
+    },
+  };
+}
+
 function f32(t: Tensor): Tensor<'float32'> {
   return t.dtype === 'float32' ? (t as Tensor<'float32'>) : { dtype: 'float32', shape: t.shape, data: toFloat32(t) };
 }
@@ -204,10 +232,19 @@ export class Sd15Engine {
   readonly #sessions = new Map<string, Promise<OrtSession>>();
   readonly #reports = new Map<GraphKind, BindReport>();
   readonly #bankFeeds = new Map<string, Record<string, Tensor>>();
+  readonly #precision: 'auto' | Precision;
+  readonly #forcePrecision: boolean;
+  readonly #resident: boolean;
+  #plan: Promise<DevicePlan> | undefined;
+  /** The last text conditioning fed to the UNet: an equal one is fed as this same object (kept on the device). */
+  #lastContext: Tensor<'float32'> | undefined;
 
   private constructor(model: OpenedModel, options: EngineOptions) {
     this.model = model;
     this.device = options.device ?? 'auto';
+    this.#precision = options.precision ?? 'auto';
+    this.#forcePrecision = options.forcePrecision === true;
+    this.#resident = options.residentInputs !== false;
     this.cacheDir = options.cacheDir ?? defaultCacheDir();
     this.#threads = options.threads;
   }
@@ -284,13 +321,31 @@ export class Sd15Engine {
     return s;
   }
 
+  /**
+   * The provider the sessions will try first (probing WebGPU when `auto` or `webgpu`) and the weight
+   * precision for it; decided once, before the first graph is built for a session.
+   */
+  plan(): Promise<DevicePlan> {
+    this.#plan ??= (async () => {
+      const { candidates, webgpu } = await resolveProviders(this.device);
+      const device = candidates[0]!;
+      const caps = webgpu?.available === true ? { features: webgpu.shaderF16 ? ['shader-f16'] : [] } : undefined;
+      const precision: PrecisionChoice =
+        this.#forcePrecision && this.#precision !== 'auto' ? { precision: this.#precision, reason: `${this.#precision}: forced` } : choosePrecision(device, caps, this.#precision);
+      return { device, ...(webgpu === undefined ? {} : { webgpu }), precision };
+    })();
+    return this.#plan;
+  }
+
   /** Which execution provider the sessions use and why (after the first session exists). */
   async providerChoice(): Promise<ProviderChoice | undefined> {
     const first = this.#sessions.values().next();
     return first.done === true ? undefined : (await first.value).choice;
   }
 
-  async #createSession(kind: GraphKind, variant: GraphVariant, patch: ParamPatch | undefined): Promise<OrtSession> {
+  async #createSession(kind: GraphKind, variant: GraphVariant, patchIn: ParamPatch | undefined): Promise<OrtSession> {
+    const plan = await this.plan();
+    const patch = plan.precision.precision === 'fp16' ? fp16WeightsPatch(patchIn) : patchIn;
     const graph = this.buildGraph(kind, variant);
     // Variants that use a subset of the weights (the shallow UNet, the maps-only UNet) share the full graph's weights file.
     const weightsGraph =
@@ -397,18 +452,24 @@ export class Sd15Engine {
     if ((variant.shallow === true) !== (input.deepFeature !== undefined)) {
       throw new ModelError('SHAPE_MISMATCH', variant.shallow === true ? 'the shallow UNet needs the cached deep_feature input.' : 'deep_feature is only an input of the shallow UNet variant.', { input: 'deep_feature' });
     }
+    let context = f32(ctx);
+    const last = this.#lastContext;
+    if (last !== undefined && last !== context && last.shape.join() === context.shape.join() && last.data.every((v, i) => v === context.data[i])) context = last;
+    this.#lastContext = context;
     const all: Record<string, Tensor> = {
       ...feeds,
       sample: f32(sample),
       timestep: { dtype: 'float32', shape: [t.data.length], data: t.data },
-      encoder_hidden_states: f32(ctx),
+      encoder_hidden_states: context,
       ...(input.deepFeature === undefined ? {} : { deep_feature: f32(input.deepFeature) }),
       ...regionFeeds,
     };
     // Variants that drop layers (shallow, maps-only) read only their own layers' inputs.
     const wanted = new Set(session.inputNames);
     for (const name of Object.keys(all)) if (!wanted.has(name)) delete all[name];
-    const out = await session.run(all);
+    // On WebGPU the text conditioning and the bank's LoRA tensors stay on the device between steps.
+    const resident = this.#resident ? ['encoder_hidden_states', ...Object.keys(feeds).filter((k) => k !== LORA_MIX_INPUT)] : [];
+    const out = await session.run(all, undefined, { resident });
     const result: Record<string, Tensor<'float32'>> = {};
     for (const [k, v] of Object.entries(out)) result[k] = f32(v);
     return result;

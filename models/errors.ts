@@ -28,7 +28,8 @@ export type ModelErrorCode =
   | 'LORA_BASE_MISMATCH'
   | 'BAD_TOKENIZER'
   | 'GRAPH_BUILD'
-  | 'RUNTIME';
+  | 'RUNTIME'
+  | 'DEVICE_LIMITS';
 
 export class ModelError extends Error {
   readonly code: ModelErrorCode;

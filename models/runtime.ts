@@ -2,17 +2,34 @@
  * ONNX Runtime sessions. The only module that imports `onnxruntime-node`.
  *
  * Execution providers are chosen here and nowhere else: the user may force one (`--device`), or
- * `auto` tries, in order, the platform's GPU provider (DirectML on Windows, CoreML on macOS, CUDA on
- * Linux when its libraries were installed with `npm run install-cuda`), then the CPU. A provider
- * that fails to create a session is recorded with its error and the next one is tried, so a
- * machine without a GPU still runs, and `choice.reason` says why.
+ * `auto` tries, in order, WebGPU (when a hardware adapter exists: see `probeWebGpu`), the
+ * platform's GPU provider (DirectML on Windows, CoreML on macOS, CUDA on Linux when its libraries
+ * were installed with `npm run install-cuda`), then the CPU. A provider that fails to create a
+ * session is recorded with its error and the next one is tried, so a machine without a GPU still
+ * runs, and `choice.reason` says why.
+ *
+ * WebGPU in ONNX Runtime 1.30's Node binding (checked against the binding's source and binary):
+ * - no adapter information reaches JavaScript (`ort.env.webgpu` is empty; no adapter info,
+ *   features or limits), so the probe finds out by running: a tiny fp32 graph (is there an adapter?)
+ *   and a tiny fp16 graph (does it have shader-f16? without it the EP fails with "requires f16 but
+ *   the device does not support it"), in a child process so that a driver crash or Dawn's console
+ *   warnings stay out of this one;
+ * - `preferredOutputLocation: 'gpu-buffer'` works and such outputs can be fed back as inputs of any
+ *   WebGPU session of the process (IO binding), but their `download()` is not implemented: it
+ *   throws a C++ exception that aborts the process. So results that JavaScript reads must be CPU
+ *   outputs; what can stay on the device is an input reused across runs, uploaded once through a
+ *   small identity session (`run(…, { resident })`).
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { createRequire } from 'node:module';
+import { execFile } from 'node:child_process';
 import * as ort from 'onnxruntime-node';
 import { ModelError } from './errors.ts';
 import type { DType, Tensor } from './tensor.ts';
+import { softwareVulkanDrivers } from './device.ts';
+import { Ops } from './onnx/ops.ts';
+import { serializeModel } from './onnx/serialize.ts';
 
 export type Device = 'auto' | 'cpu' | 'cuda' | 'dml' | 'coreml' | 'webgpu';
 export type ConcreteDevice = Exclude<Device, 'auto'>;
@@ -37,15 +54,103 @@ function cudaInstalled(): boolean {
   }
 }
 
+/** What the WebGPU probe found (once per process; see `probeWebGpu`). */
+export interface WebGpuStatus {
+  /** A WebGPU adapter exists and ran the probe graph correctly. */
+  readonly available: boolean;
+  /** The adapter is a software renderer (only software Vulkan drivers on Linux: SwiftShader, lavapipe). */
+  readonly software: boolean;
+  /** The adapter has the `shader-f16` feature. */
+  readonly shaderF16: boolean;
+  /** One line: what was found, or why there is no adapter. */
+  readonly reason: string;
+}
+
 /** The providers `device` means on this platform, most preferred first; the CPU is always last. */
-export function providerCandidates(device: Device, platform: NodeJS.Platform = process.platform): ConcreteDevice[] {
+export function providerCandidates(device: Device, platform: NodeJS.Platform = process.platform, webgpu?: WebGpuStatus): ConcreteDevice[] {
   if (device === 'cpu') return ['cpu'];
   if (device !== 'auto') return [device, 'cpu'];
   const gpu: ConcreteDevice[] = [];
+  // A software adapter is tens of times slower than the CPU provider: auto never picks it.
+  if (webgpu !== undefined && webgpu.available && !webgpu.software) gpu.push('webgpu');
   if (platform === 'win32') gpu.push('dml');
   if (platform === 'darwin') gpu.push('coreml');
   if (platform === 'linux' && cudaInstalled()) gpu.push('cuda');
   return [...gpu, 'cpu'];
+}
+
+/** Why `auto` left WebGPU out (undefined when it did not). */
+export function webgpuSkipReason(webgpu: WebGpuStatus | undefined): string | undefined {
+  if (webgpu === undefined || (webgpu.available && !webgpu.software)) return undefined;
+  if (!webgpu.available) return `webgpu unavailable (${webgpu.reason})`;
+  return `webgpu skipped (${webgpu.reason}; far slower than the CPU provider, --device webgpu forces it)`;
+}
+
+// The probe graphs: y = 2x + 1 in fp32, and the same through fp16 casts (needs shader-f16).
+function probeModel(half: boolean): Uint8Array {
+  const g = new Ops('webgpu_probe');
+  const x = g.input('x', 'float32', [4]);
+  const y = half ? g.cast(g.add(g.cast(x, 'float16'), g.cast(x, 'float16')), 'float32') : g.add(g.mul(x, g.scalar(2)), g.scalar(1));
+  g.output(half ? g.add(y, g.scalar(1)) : y, 'y', 'float32', [4]);
+  return serializeModel(g.finish(), () => {
+    throw new Error('the probe graph has no parameters');
+  });
+}
+
+const PROBE_SCRIPT = `
+const ort = require(process.argv[1]);
+const [f32, f16] = JSON.parse(process.argv[2]).map((b) => Buffer.from(b, 'base64'));
+const opts = { executionProviders: ['webgpu'], logSeverityLevel: 4, extra: { session: { disable_cpu_ep_fallback: '1' } } };
+const x = () => ({ x: new ort.Tensor('float32', new Float32Array([0, 1, 2, 3]), [4]) });
+const line = (e) => String((e && e.message) || e).split('\\n')[0];
+(async () => {
+  const out = {};
+  try {
+    const s = await ort.InferenceSession.create(f32, opts);
+    out.y = Array.from((await s.run(x())).y.data);
+  } catch (e) { out.error = line(e); }
+  if (out.error === undefined) {
+    try {
+      const s = await ort.InferenceSession.create(f16, opts);
+      out.y16 = Array.from((await s.run(x())).y.data);
+    } catch (e) { out.f16error = line(e); }
+  }
+  process.stdout.write(JSON.stringify(out));
+  process.exit(0);
+})();
+`;
+
+let webgpuProbe: Promise<WebGpuStatus> | undefined;
+
+/**
+ * Is there a WebGPU adapter, is it a software renderer, has it shader-f16? Probed once per process
+ * (the result, failure reason included, is cached), in a child process with this environment.
+ */
+export function probeWebGpu(): Promise<WebGpuStatus> {
+  webgpuProbe ??= new Promise<WebGpuStatus>((resolve) => {
+    const software = process.platform === 'linux' ? softwareVulkanDrivers() : undefined;
+    const models = JSON.stringify([probeModel(false), probeModel(true)].map((b) => Buffer.from(b).toString('base64')));
+    const ortPath = require.resolve('onnxruntime-node');
+    // Inside Electron (the engine's utility process) execPath is the Electron binary: run it as Node.
+    execFile(process.execPath, ['-e', PROBE_SCRIPT, ortPath, models], { timeout: 120_000, maxBuffer: 1 << 20, env: { ...process.env, ELECTRON_RUN_AS_NODE: '1' } }, (err, stdout) => {
+      let out: { y?: number[]; y16?: number[]; error?: string; f16error?: string } = {};
+      try {
+        out = JSON.parse(stdout) as typeof out;
+      } catch {
+        out = { error: err === null ? 'the probe printed nothing' : `the probe process failed (${err.signal ?? `exit ${String(err.code)}`})` };
+      }
+      const expected = [1, 3, 5, 7];
+      if (out.y === undefined || out.y.some((v, i) => v !== expected[i])) {
+        const why = (out.error ?? `wrong probe result [${String(out.y)}]`).replace(/^.*?(Failed to get a WebGPU adapter)/, '$1');
+        resolve({ available: false, software: false, shaderF16: false, reason: why });
+        return;
+      }
+      const shaderF16 = out.f16error === undefined && out.y16 !== undefined && out.y16.every((v, k) => v === expected[k]);
+      const parts = [software === undefined ? 'a WebGPU adapter' : `only a software adapter (${software} Vulkan driver)`, shaderF16 ? 'with shader-f16' : 'no shader-f16'];
+      resolve({ available: true, software: software !== undefined, shaderF16, reason: parts.join(', ') });
+    });
+  });
+  return webgpuProbe;
 }
 
 const ORT_TYPES: Partial<Record<DType, ort.Tensor.Type>> = { float32: 'float32', float16: 'float16', int64: 'int64', int32: 'int32', uint8: 'uint8', bool: 'bool' };
@@ -88,6 +193,26 @@ export interface SessionCreateOptions {
   readonly threads?: number;
 }
 
+export interface RunOptions {
+  /**
+   * Inputs that are the same tensor object over many runs (text embeddings, adapter-bank inputs):
+   * on WebGPU each is uploaded once and fed from the device afterwards (ignored on other providers).
+   * The tensor must not be changed in place afterwards.
+   */
+  readonly resident?: readonly string[];
+}
+
+/**
+ * The order in which `device` tries providers, probing WebGPU first when it may be used, and the
+ * note `auto` adds to its reason when it left WebGPU out.
+ */
+export async function resolveProviders(device: Device): Promise<{ candidates: ConcreteDevice[]; webgpu?: WebGpuStatus; note?: string }> {
+  if (device !== 'auto' && device !== 'webgpu') return { candidates: providerCandidates(device) };
+  const webgpu = await probeWebGpu();
+  const note = device === 'auto' ? webgpuSkipReason(webgpu) : undefined;
+  return { candidates: providerCandidates(device, process.platform, webgpu), webgpu, ...(note === undefined ? {} : { note }) };
+}
+
 /** One ONNX Runtime session with typed run(). `dispose()` when done. */
 export class OrtSession {
   readonly choice: ProviderChoice;
@@ -106,9 +231,14 @@ export class OrtSession {
   static async create(model: string | Uint8Array, options: SessionCreateOptions = {}): Promise<OrtSession> {
     const device = options.device ?? 'auto';
     const tried: { device: ConcreteDevice; error: string }[] = [];
-    for (const candidate of providerCandidates(device)) {
+    const { candidates, webgpu, note } = await resolveProviders(device);
+    for (const candidate of candidates) {
       if (candidate === 'cuda' && !cudaInstalled()) {
         tried.push({ device: candidate, error: 'the CUDA provider is not installed (npm run install-cuda)' });
+        continue;
+      }
+      if (candidate === 'webgpu' && webgpu !== undefined && !webgpu.available) {
+        tried.push({ device: candidate, error: webgpu.reason });
         continue;
       }
       const sessionOptions: ort.InferenceSession.SessionOptions = {
@@ -120,12 +250,13 @@ export class OrtSession {
       };
       try {
         const session = typeof model === 'string' ? await ort.InferenceSession.create(model, sessionOptions) : await ort.InferenceSession.create(model, sessionOptions);
+        const what = candidate === 'webgpu' && webgpu !== undefined ? `webgpu (${webgpu.reason})` : candidate;
         const reason =
           tried.length === 0
             ? device === 'auto'
-              ? `${candidate}: the first provider available on ${process.platform}`
-              : `${candidate}: as requested`
-            : `${candidate}: ${tried.map((t) => `${t.device} failed (${t.error})`).join('; ')}`;
+              ? `${what}: the first provider available on ${process.platform}${note === undefined ? '' : `; ${note}`}`
+              : `${what}: as requested`
+            : `${what}: ${tried.map((t) => `${t.device} failed (${t.error})`).join('; ')}${note === undefined ? '' : `; ${note}`}`;
         return new OrtSession(session, { device: candidate, reason, tried });
       } catch (e) {
         tried.push({ device: candidate, error: (e as Error).message.split('\n')[0] ?? String(e) });
@@ -136,11 +267,12 @@ export class OrtSession {
   }
 
   /** Run; `fetch` limits the outputs computed. */
-  async run(feeds: Readonly<Record<string, Tensor>>, fetch?: readonly string[]): Promise<Record<string, Tensor>> {
+  async run(feeds: Readonly<Record<string, Tensor>>, fetch?: readonly string[], options: RunOptions = {}): Promise<Record<string, Tensor>> {
     const session = this.#session;
     if (session === undefined) throw new Error('OrtSession.run after dispose');
     const ortFeeds: Record<string, ort.Tensor> = {};
-    for (const [k, v] of Object.entries(feeds)) ortFeeds[k] = toOrt(k, v);
+    const resident = this.choice.device === 'webgpu' && options.resident !== undefined ? new Set(options.resident) : undefined;
+    for (const [k, v] of Object.entries(feeds)) ortFeeds[k] = resident?.has(k) === true ? await onDevice(k, v) : toOrt(k, v);
     let results: ort.InferenceSession.ReturnType;
     try {
       results = fetch === undefined ? await session.run(ortFeeds) : await session.run(ortFeeds, [...fetch]);
@@ -157,6 +289,55 @@ export class OrtSession {
     this.#session = undefined;
     if (s !== undefined) await s.release();
   }
+}
+
+// ---- device-resident inputs (WebGPU) ---------------------------------------------------------------
+
+/** Device copies of tensors, kept as long as the tensor lives; released when it is collected. */
+const deviceCopies = new WeakMap<Tensor, Promise<ort.Tensor>>();
+const releaseCopy = new FinalizationRegistry<Promise<ort.Tensor>>((copy) => {
+  void copy.then((t) => t.dispose()).catch(() => undefined);
+});
+/** Identity sessions by dtype and rank, whose `gpu-buffer` outputs are the uploads. */
+const uploaders = new Map<string, Promise<ort.InferenceSession>>();
+
+function uploader(dtype: DType, rank: number): Promise<ort.InferenceSession> {
+  const key = `${dtype}/${rank}`;
+  let s = uploaders.get(key);
+  if (s === undefined) {
+    const g = new Ops('upload');
+    const dims = Array.from({ length: rank }, (_, i) => `d${i}`);
+    const x = g.input('x', dtype, dims);
+    g.output(g.identity(x), 'y', dtype, dims);
+    const bytes = serializeModel(g.finish(), () => {
+      throw new Error('the upload graph has no parameters');
+    });
+    s = ort.InferenceSession.create(bytes, { executionProviders: ['webgpu'], preferredOutputLocation: 'gpu-buffer', logSeverityLevel: 4 });
+    uploaders.set(key, s);
+    s.catch(() => uploaders.delete(key));
+  }
+  return s;
+}
+
+/** `t` on the WebGPU device (uploaded on first use, then reused). */
+function onDevice(name: string, t: Tensor): Promise<ort.Tensor> {
+  let copy = deviceCopies.get(t);
+  if (copy === undefined) {
+    copy = (async () => {
+      const s = await uploader(t.dtype, t.shape.length);
+      const out = (await s.run({ x: toOrt(name, t) })).y as ort.Tensor;
+      if (out.location !== 'gpu-buffer') throw new ModelError('RUNTIME', `input ${name}: the upload did not stay on the device (${out.location})`, { input: name });
+      return out;
+    })();
+    deviceCopies.set(t, copy);
+    releaseCopy.register(t, copy);
+  }
+  return copy;
+}
+
+/** Upload tensors to the WebGPU device ahead of their first run (for timing; `run` does it itself). */
+export async function uploadToDevice(tensors: Readonly<Record<string, Tensor>>): Promise<void> {
+  await Promise.all(Object.entries(tensors).map(([k, v]) => onDevice(k, v)));
 }
 
 /** The ONNX Runtime version in use (for benchmarks and reports). */

@@ -7,7 +7,10 @@ import { join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
-const filter = process.argv.slice(2);
+// `--full-webgpu`: also the WebGPU cases that are slow on a software adapter (`npm run test:webgpu`).
+const args = process.argv.slice(2);
+if (args.includes('--full-webgpu')) process.env.CHORUS_WEBGPU_FULL = '1';
+const filter = args.filter((a) => a !== '--full-webgpu');
 
 function find(dir) {
   const out = [];

@@ -452,7 +452,9 @@ export async function runGenerate(argv: readonly string[]): Promise<number> {
       process.stderr.write(`LoRA ${l.name} [${l.shortHash}] te ${l.te} unet ${l.unet}: ${l.coverage.matched}/${l.coverage.totalModulesInFile} modules applied (${result.loraMode})${miss > 0 ? `, ${miss} not applied: ${l.coverage.unmatched.slice(0, 3).map((u) => `${u.key} (${u.reason})`).join('; ')}${miss > 3 ? '…' : ''}` : ''}\n`);
     }
     const choice = await engine.providerChoice();
+    const plan = await engine.plan();
     process.stdout.write(`${written.join('\n')}\n`);
+    process.stderr.write(`device: ${choice?.reason ?? plan.device}; weights ${plan.precision.reason}\n`);
     process.stderr.write(`${total} image${total === 1 ? '' : 's'} on ${choice?.device ?? '?'}; seed ${job.seed}\n`);
     return 0;
   } finally {

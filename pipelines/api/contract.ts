@@ -233,6 +233,12 @@ export interface ModelStatus {
   /** LoRA folders in use: the settings' plus the install's. */
   readonly loraFolders: readonly string[];
   readonly device: DeviceWire;
+  /**
+   * The execution provider the engine uses for this device setting and why (one line, e.g. "cpu: …;
+   * webgpu skipped (only a software adapter …)"), plus the weight precision and why. Planned when
+   * the model opens; the actual choice once the first session exists.
+   */
+  readonly provider: { readonly device: string; readonly reason: string; readonly precision: string };
 }
 
 export interface LoraCard {

@@ -89,6 +89,14 @@ export function defaultSettingsFile(): string {
   return path.join(dir, 'settings.json');
 }
 
+/** The provider line of a model status: the actual choice once a session exists, else the plan. */
+async function providerStatus(engine: Sd15Engine): Promise<ModelStatus['provider']> {
+  const plan = await engine.plan();
+  const choice = await engine.providerChoice();
+  const planned = plan.webgpu === undefined ? `${plan.device}: planned` : `${plan.device}: planned; webgpu: ${plan.webgpu.reason}`;
+  return { device: choice?.device ?? plan.device, reason: choice?.reason ?? planned, precision: plan.precision.reason };
+}
+
 const DEFAULT_SETTINGS: Settings = { outputDir: path.resolve('outputs'), loraDirs: [], modelsDir: null, device: 'auto', lastModel: null };
 
 /** Thumbnails in the gallery: longest side in pixels. */
@@ -231,7 +239,7 @@ export class EngineHost {
       case 'models.open':
         return this.#openModel((p as Payload<'models.open'>).path);
       case 'models.status':
-        return Promise.resolve(this.#status);
+        return this.#refreshProvider();
       case 'loras.list':
         return this.#listLoras((p as Payload<'loras.list'>).refresh === true);
       case 'loras.preview':
@@ -326,6 +334,12 @@ export class EngineHost {
     return [...new Set(dirs.map((d) => path.resolve(d)))];
   }
 
+  /** The status with the provider the sessions actually got (once one exists). */
+  async #refreshProvider(): Promise<ModelStatus | null> {
+    if (this.#status !== null && this.#engine !== undefined) this.#status = { ...this.#status, provider: await providerStatus(this.#engine) };
+    return this.#status;
+  }
+
   async #openModel(modelPath: string): Promise<ModelStatus> {
     if ([...this.#jobs.values()].some((j) => j.summary.status === 'running' || j.summary.status === 'pending')) {
       throw new ApiFailure('BAD_PAYLOAD', 'a job is running; cancel it or wait before switching models.', { field: 'path' });
@@ -350,6 +364,7 @@ export class EngineHost {
       textLayers: m.textEncoder.numHiddenLayers,
       loraFolders: [],
       device: this.#settings.device,
+      provider: await providerStatus(engine),
     };
     this.#status = { ...this.#status, loraFolders: this.#loraFolders() };
     this.#library = undefined;
