@@ -20,7 +20,7 @@ import { Sd15Engine } from '../models/index.ts';
 import { engineModels, generate, normalizeJob, type JobInput } from '../pipelines/index.ts';
 import type { StrategySpec } from '../pipelines/strategies/index.ts';
 import { FIXTURES } from '../test/fixtures.ts';
-import { defaultBenchWorkDir, prepareRandomSd15Model } from './random-weights.ts';
+import { defaultBenchWorkDir, prepareRandomSd15FullModel } from './random-weights.ts';
 import { writeRandomLora } from './random-lora.ts';
 import { runConditions } from './run-conditions.ts';
 
@@ -56,10 +56,17 @@ async function run(setting: 'tiny' | 'sd15', modelDir: string, loraFiles: readon
   for (const n of counts) {
     const times: Record<string, number> = {};
     const finals: Record<string, Float32Array> = {};
-    const engine = Sd15Engine.open(modelDir, { device: 'cpu', cacheDir, threads });
+    // At SD 1.5 size each variant gets its own engine (sessions of several variants at once, plus
+    // Composite's 2N-element batches, exceed 24 GB); the tiny model shares one.
+    let engine = Sd15Engine.open(modelDir, { device: 'cpu', cacheDir, threads });
     try {
-      const models = engineModels(engine);
-      for (const v of variants(n)) {
+      let models = engineModels(engine);
+      for (const [vi, v] of variants(n).entries()) {
+        if (setting === 'sd15' && vi > 0) {
+          await engine.dispose();
+          engine = Sd15Engine.open(modelDir, { device: 'cpu', cacheDir, threads });
+          models = engineModels(engine);
+        }
         const loras = v.loras ? loraFiles.slice(0, n).map((f) => ({ name: f, te: 0.8, unet: 0.8 })) : [];
         const j = normalizeJob({ ...job, model: modelDir, loras, strategy: v.strategy, loraMode: 'bank' });
         // Warm-up: builds the sessions this variant needs (not timed).
@@ -119,7 +126,8 @@ if (only.includes('tiny')) {
   await run('tiny', path.join(FIXTURES, 'tiny-sd15'), files, { prompt: 'tinychar, red coat, flower garden', negativePrompt: 'blurry', steps: 10, width: 128, height: 128, sampler: 'DPM++ 2M', seed: 1 }, false);
 }
 if (only.includes('sd15')) {
-  const model = prepareRandomSd15Model(work, 1234, log);
+  // generate() encodes the prompt: the text encoder must be SD 1.5-sized too (768-wide context).
+  const model = prepareRandomSd15FullModel(work, 1234, log);
   const dir = path.join(work, 'loras');
   fs.mkdirSync(dir, { recursive: true });
   const files = [0, 1, 2, 3, 4].map((k) => {

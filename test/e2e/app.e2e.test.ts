@@ -85,6 +85,11 @@ test('the app in serve mode: model, stack, region, generate, gallery, reload set
   const tiny = page.getByTestId('model-candidate').filter({ hasText: 'tiny-sd15' }).filter({ hasText: 'diffusers' });
   await tiny.getByTestId('open-model').click();
   await page.getByTestId('model-status').filter({ hasText: 'tiny-sd15' }).waitFor();
+  // The status bar names the execution provider (forced to the CPU here) and why.
+  const provider = page.getByTestId('provider');
+  await provider.waitFor();
+  assert.equal((await provider.textContent())?.trim(), 'cpu');
+  assert.match((await provider.getAttribute('title')) ?? '', /^cpu: .+; weights fp32/);
   await shot('models');
 
   // Create: the library lists the fixture LoRAs and flags the corrupt one.
