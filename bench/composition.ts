@@ -7,7 +7,7 @@
  * Ratios: Composite batched / N calls (goal ≤ 1/1.3), CMLoRA c / Composite (goal c = 3 ≤ 0.5),
  * Merge / plain.
  *
- *   npm run bench:composition [-- --only tiny|sd15 --n 2,3,5 --steps 6]
+ *   npm run bench:composition [-- --only tiny|sd15 --n 2,3,5 --steps 6 --variants composite,cmlora]
  *
  * Correctness first: Composite batched and as N calls must give the same latents.
  * JSON lines on stdout, a summary on stderr.
@@ -24,7 +24,7 @@ import { defaultBenchWorkDir, prepareRandomSd15FullModel } from './random-weight
 import { writeRandomLora } from './random-lora.ts';
 import { runConditions } from './run-conditions.ts';
 
-const { values } = parseArgs({ options: { only: { type: 'string' }, n: { type: 'string', default: '2,3,5' }, steps: { type: 'string', default: '6' }, threads: { type: 'string' } } });
+const { values } = parseArgs({ options: { only: { type: 'string' }, variants: { type: 'string' }, n: { type: 'string', default: '2,3,5' }, steps: { type: 'string', default: '6' }, threads: { type: 'string' } } });
 const only = values.only?.split(',') ?? ['tiny', 'sd15'];
 const counts = values.n.split(',').map(Number);
 const sd15Steps = Number(values.steps);
@@ -61,7 +61,8 @@ async function run(setting: 'tiny' | 'sd15', modelDir: string, loraFiles: readon
     let engine = Sd15Engine.open(modelDir, { device: 'cpu', cacheDir, threads });
     try {
       let models = engineModels(engine);
-      for (const [vi, v] of variants(n).entries()) {
+      const picked = variants(n).filter((v) => values.variants === undefined || values.variants.split(',').some((w) => v.label.includes(w)));
+      for (const [vi, v] of picked.entries()) {
         if (setting === 'sd15' && vi > 0) {
           await engine.dispose();
           engine = Sd15Engine.open(modelDir, { device: 'cpu', cacheDir, threads });
@@ -92,6 +93,8 @@ async function run(setting: 'tiny' | 'sd15', modelDir: string, loraFiles: readon
     } finally {
       await engine.dispose();
     }
+    // With --variants some figures are missing: no summary (the per-variant lines stand alone).
+    if (Object.keys(times).length !== variants(n).length) continue;
     let diff = 0;
     const a = finals['composite batched']!;
     const b = finals['composite N calls']!;

@@ -6,6 +6,7 @@
  *      so every image can be reproduced alone), run the denoising loop, decode;
  *   4. hand back images with their seeds and final latents (saving is `images/save.ts`).
  */
+import * as os from 'node:os';
 import { AdapterStack, type AdapterUse, type CoverageReport, type Tensor } from '../models/index.ts';
 import { encodePrompts, type ConditioningOptions } from './conditioning.ts';
 import { denoise, type DenoiseProgress } from './denoise.ts';
@@ -49,6 +50,28 @@ export interface GenerateOptions {
   readonly maxBatch?: number;
   /** What the gradient-guided strategies report (updates, masks, re-initialisation), per batch. */
   readonly onStrategyEvent?: (event: CloraEvent | ComposerEvent, batch: number) => void;
+}
+
+/**
+ * UNet activation memory per sample in one call, estimated from the latent grid: ONNX Runtime keeps
+ * the level-0 self-attention scores and probabilities (8 heads × N² floats each, N = h·w; 3 such
+ * tensors live at once) plus the feature maps (≈ 64 tensors of 320 × N floats). SD 1.5 at 512²
+ * (N = 4096): ≈ 1.8 GiB, a little above what its CFG batches measure (≈ 1.2–1.6 GB per sample).
+ */
+export function unetBytesPerSample(latentH: number, latentW: number): number {
+  const n = latentH * latentW;
+  return 3 * 8 * n * n * 4 + 64 * 320 * n * 4;
+}
+
+/**
+ * The default cap on samples per UNet call: each session keeps an arena as large as its largest
+ * call, and a strategy may hold two UNet sessions (CMLoRA: the full pass and the shallow one), so
+ * the calls are split to keep their activations within half the machine's memory (never below 2,
+ * one CFG pair). Without it CMLoRA with 3 LoRAs at 512² (batches of 6) exceeded 24 GB and the
+ * process was killed.
+ */
+export function defaultMaxBatch(latentH: number, latentW: number, sessions: number, totalBytes: number = os.totalmem()): number {
+  return Math.max(2, Math.floor((0.5 * totalBytes) / (sessions * unetBytesPerSample(latentH, latentW))));
 }
 
 /** A LoRA as it was applied: where it came from, its strengths, hash and coverage. */
@@ -283,7 +306,7 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
       steps: job.steps,
       noise: draw,
       ...(mode === 'none' ? {} : { adapters: { stack, mode } }),
-      ...(options.maxBatch === undefined ? {} : { maxBatch: options.maxBatch }),
+      maxBatch: options.maxBatch ?? defaultMaxBatch(h, w, strategy.name === 'cmlora' && strategy.cacheInterval !== 1 ? 2 : 1),
       ...(options.signal === undefined ? {} : { signal: options.signal }),
       onProgress: (p) => options.onProgress?.({ ...p, batch: b, batches: job.batchCount }),
     });

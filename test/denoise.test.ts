@@ -7,6 +7,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import type { Tensor } from '../models/index.ts';
 import { denoise } from '../pipelines/denoise.ts';
+import { defaultMaxBatch, unetBytesPerSample } from '../pipelines/text-to-image.ts';
 import { PipelineError } from '../pipelines/errors.ts';
 import type { DenoiserModel } from '../pipelines/models.ts';
 import type { Scheduler } from '../pipelines/schedulers/types.ts';
@@ -133,4 +134,16 @@ test('ancestral schedulers get fresh noise each step; cancellation stops with JO
     }),
     (e: unknown) => e instanceof PipelineError && e.code === 'JOB_CANCELLED' && e.message.includes('step 3 of 5'),
   );
+});
+
+test('the default memory cap: SD 1.5 at 512² keeps a CFG batch of 6 in one call, splits CMLoRA\'s two sessions to 3, never below a CFG pair', () => {
+  const GiB = 1024 ** 3;
+  // SD 1.5 at 512² (64×64 latents): ≈ 1.8 GiB per sample (the level-0 attention scores dominate).
+  assert.ok(Math.abs(unetBytesPerSample(64, 64) / GiB - 1.81) < 0.05, `${unetBytesPerSample(64, 64) / GiB} GiB`);
+  assert.equal(defaultMaxBatch(64, 64, 1, 24 * GiB), 6);
+  assert.equal(defaultMaxBatch(64, 64, 2, 24 * GiB), 3);
+  assert.equal(defaultMaxBatch(64, 64, 2, 8 * GiB), 2, 'one CFG pair at least');
+  assert.equal(defaultMaxBatch(128, 128, 1, 24 * GiB), 2, '1024² on 24 GB: pairs');
+  // The tiny fixture sizes are never split on a machine like CI's.
+  assert.ok(defaultMaxBatch(32, 32, 2, 24 * GiB) >= 32);
 });
