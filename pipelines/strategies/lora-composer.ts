@@ -51,6 +51,7 @@ import type { JobRegion } from '../job.ts';
 import type { TextEncoderModel } from '../models.ts';
 import { extractExtraNetworks } from '../prompt/a1111.ts';
 import { levelSizes, regionMasks } from '../regions.ts';
+import { stackContexts } from './regions.ts';
 import { COMPOSER_LOSS_WEIGHTS, gridBox, regionLoss, reinitLatents, type GridBox, type RegionLossWeights, type ReinitWindow } from './gradient-region-losses.ts';
 import { requireWordPositions } from './gradient-tokens.ts';
 import { guide, type StrategySetup } from './setup.ts';
@@ -144,18 +145,6 @@ export type ComposerEvent =
 interface ComposerState {
   refining: boolean;
   lossPrev: number;
-}
-
-/** The regions' contexts (1, S_r, D) stacked into (1, R, S, D), padded with empty chunks to the longest. */
-function stackContexts(contexts: readonly Tensor<'float32'>[], pad: Tensor<'float32'>): Tensor<'float32'> {
-  const dim = contexts[0]!.shape[2]!;
-  const seq = Math.max(...contexts.map((c) => c.shape[1]!));
-  const data = new Float32Array(contexts.length * seq * dim);
-  contexts.forEach((c, r) => {
-    data.set(c.data, r * seq * dim);
-    for (let s = c.shape[1]!; s < seq; s += pad.shape[1]!) data.set(pad.data.subarray(0, Math.min(pad.data.length, (seq - s) * dim)), (r * seq + s) * dim);
-  });
-  return { dtype: 'float32', shape: [1, contexts.length, seq, dim], data };
 }
 
 /**

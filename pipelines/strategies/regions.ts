@@ -41,7 +41,7 @@ export interface RegionsPlan {
 }
 
 /** Stack the regions' contexts (1, S_r, D) into (1, R, S, D), padding with empty chunks to the longest. */
-function stackContexts(contexts: readonly Tensor<'float32'>[], pad: Tensor<'float32'>): Tensor<'float32'> {
+export function stackContexts(contexts: readonly Tensor<'float32'>[], pad: Tensor<'float32'>): Tensor<'float32'> {
   const dim = contexts[0]!.shape[2]!;
   const seq = Math.max(...contexts.map((c) => c.shape[1]!));
   const data = new Float32Array(contexts.length * seq * dim);
