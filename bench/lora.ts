@@ -1,12 +1,20 @@
 /**
  * LoRA adapter-bank overhead at the real SD 1.5 size (random weights, 512×512, batch 2):
- * UNet forward time for the plain graph (no bank inputs), the bank graph with K = 0, K = 1 and K = 4
- * resident rank-32 LoRAs, and the fused variant (K = 1 baked into the weights), in one run, as
- * ratios to the plain graph. Goal (issue 4): bank overhead ≤ 5 % at K = 1.
+ * UNet forward time at K = 0 (no LoRA: the engine runs the plain graph), the bank graph with K = 1
+ * and K = 4 resident rank-32 LoRAs, and the fused variant (K = 1 baked into the weights), in one run,
+ * as ratios to K = 0. Goal (issue 4): bank overhead ≤ 5 % at K = 1. `--diagnose-k0` adds the bank
+ * graph fed zero-sized adapter inputs (ONNX Runtime runs it slower than K = 1, which is why the
+ * engine does not).
+ *
+ * The variants are measured interleaved (round robin, one forward each per round) in one engine
+ * that holds their sessions side by side, so drift of the machine over the minutes a run takes
+ * (other processes, memory state) falls on every variant alike; measured one after the other,
+ * that drift alone moved ratios by ±10 %. Phase 1: plain, bank K = 1, 4 (two sessions); phase 2:
+ * plain and fused (the fused variant needs its own weights copy, so it gets a fresh engine).
  *
  * Correctness first: the bank (K = 1) and the fused variant must agree (same LoRA, same strength).
  *
- *   npm run bench:lora [-- --runs 3 --warmup 1]
+ *   npm run bench:lora [-- --runs 5 --warmup 2]
  *
  * Prints JSON lines on stdout and a summary on stderr.
  */
@@ -15,6 +23,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { parseArgs } from 'node:util';
 import { AdapterStack, Sd15Engine, type AdapterUse, type LoadedLora, type Tensor } from '../models/index.ts';
+import { bankFeeds, mixTensor } from '../models/lora/bank.ts';
+import { LORA_MIX_INPUT, bankLayersOf } from '../models/networks/adapter-bank.ts';
 import { defaultBenchWorkDir, prepareRandomSd15Model } from './random-weights.ts';
 import { writeRandomLora, RANDOM_LORA_RANK as RANK } from './random-lora.ts';
 import { runConditions } from './run-conditions.ts';
@@ -25,7 +35,8 @@ const BATCH = 2;
 const LATENT = 64;
 const CONTEXT = [BATCH, 77, 768];
 
-const { values } = parseArgs({ options: { runs: { type: 'string', default: '3' }, warmup: { type: 'string', default: '1' }, threads: { type: 'string' } } });
+const { values } = parseArgs({ options: { runs: { type: 'string', default: '5' }, warmup: { type: 'string', default: '2' }, threads: { type: 'string' }, 'diagnose-k0': { type: 'boolean', default: false } } });
+const diagnoseK0 = values['diagnose-k0'];
 const runs = Number(values.runs);
 const warmup = Number(values.warmup);
 const threads = values.threads === undefined ? os.cpus().length : Number(values.threads);
@@ -38,19 +49,32 @@ function randomTensor(seed: number, label: string, shape: number[]): Tensor<'flo
   return { dtype: 'float32', shape, data };
 }
 
-async function time(label: string, fn: () => Promise<Float32Array>): Promise<{ medianMs: number; out: Float32Array }> {
-  let out: Float32Array = new Float32Array();
-  for (let i = 0; i < warmup; i++) out = await fn();
-  const samples: number[] = [];
-  for (let i = 0; i < runs; i++) {
+type Forward = () => Promise<Float32Array>;
+
+/** `warmup` forwards each, then `runs` rounds of one forward per variant; records per variant. */
+async function interleaved(phase: string, forwards: ReadonlyArray<[string, Forward]>): Promise<Record<string, { medianMs: number; out: Float32Array }>> {
+  const samples = new Map<string, number[]>(forwards.map(([label]) => [label, []]));
+  const outs = new Map<string, Float32Array>();
+  for (const [label, fn] of forwards) {
     const t0 = performance.now();
-    out = await fn();
-    samples.push(performance.now() - t0);
+    for (let i = 0; i < Math.max(1, warmup); i++) outs.set(label, await fn());
+    log(`${phase} ${label}: session + warm-up ${((performance.now() - t0) / 1000).toFixed(1)} s`);
   }
-  const stats = timingStats(samples);
-  emit({ record: 'lora_forward', variant: label, batch: BATCH, resolutionPx: LATENT * 8, rank: RANK, timing: stats });
-  log(`${label}: median ${stats.medianMs.toFixed(0)} ms (${stats.minMs.toFixed(0)}–${stats.maxMs.toFixed(0)}, n=${stats.runs})`);
-  return { medianMs: stats.medianMs, out };
+  for (let round = 0; round < runs; round++) {
+    for (const [label, fn] of forwards) {
+      const t0 = performance.now();
+      outs.set(label, await fn());
+      samples.get(label)!.push(performance.now() - t0);
+    }
+  }
+  const result: Record<string, { medianMs: number; out: Float32Array }> = {};
+  for (const [label] of forwards) {
+    const stats = timingStats(samples.get(label)!);
+    emit({ record: 'lora_forward', phase, variant: label, batch: BATCH, resolutionPx: LATENT * 8, rank: RANK, timing: stats });
+    log(`${phase} ${label}: median ${stats.medianMs.toFixed(0)} ms (${stats.minMs.toFixed(0)}–${stats.maxMs.toFixed(0)}, n=${stats.runs})`);
+    result[label] = { medianMs: stats.medianMs, out: outs.get(label)! };
+  }
+  return result;
 }
 
 const work = defaultBenchWorkDir();
@@ -65,16 +89,6 @@ const sample = randomTensor(1, 'sample', [BATCH, 4, LATENT, LATENT]);
 const context = randomTensor(2, 'context', CONTEXT);
 const timestep: Tensor = { dtype: 'float32', shape: [1], data: new Float32Array([500]) };
 
-const medians: Record<string, number> = {};
-const outputs: Record<string, Float32Array> = {};
-const variants: Array<[string, (loras: LoadedLora[]) => AdapterUse | undefined]> = [
-  ['plain', () => undefined],
-  ['bank K=0', () => ({ mode: 'bank', stack: new AdapterStack([]), mix: [[], []] })],
-  ['bank K=1', (l) => bankUse(l.slice(0, 1))],
-  ['bank K=4', (l) => bankUse(l)],
-  ['fused K=1', (l) => ({ mode: 'merged', stack: stackOf(l.slice(0, 1)) })],
-];
-
 function stackOf(loras: readonly LoadedLora[]): AdapterStack {
   return new AdapterStack(loras.map((l) => ({ path: l.path, name: l.name, modules: l.modules, te: 1, unet: 1 })));
 }
@@ -83,22 +97,40 @@ function bankUse(loras: readonly LoadedLora[]): AdapterUse {
   return { mode: 'bank', stack, mix: Array.from({ length: BATCH }, () => stack.strengths('unet')) };
 }
 
-for (const [label, use] of variants) {
-  // A fresh engine per variant: one session (~4–8 GB at this size) in memory at a time.
+/** The bank graph fed zero-sized adapter inputs: a diagnostic (the engine runs K = 0 on the plain graph). */
+const BANK_GRAPH_K0 = 'bank graph fed K=0';
+
+async function phase(name: string, variants: ReadonlyArray<[string, (loras: LoadedLora[]) => AdapterUse | undefined]>): Promise<Record<string, { medianMs: number; out: Float32Array }>> {
   const engine = Sd15Engine.open(model.dir, { device: 'cpu', cacheDir, threads });
   try {
-    const loras = label === 'plain' || label === 'bank K=0' ? [] : loraFiles.map((f) => engine.loadLora(f));
-    const adapters = use(loras);
-    const t0 = performance.now();
-    await engine.runUnet({ sample, timestep, encoderHiddenStates: context }, {}, adapters);
-    log(`${label}: session + first forward ${((performance.now() - t0) / 1000).toFixed(1)} s`);
-    const r = await time(label, async () => (await engine.runUnet({ sample, timestep, encoderHiddenStates: context }, {}, adapters)).noise_pred!.data);
-    medians[label] = r.medianMs;
-    outputs[label] = r.out;
+    const loras = loraFiles.map((f) => engine.loadLora(f));
+    const forwards = variants.map(([label, use]): [string, Forward] => {
+      if (label === BANK_GRAPH_K0) {
+        const feeds = { ...bankFeeds(bankLayersOf(engine.buildGraph('unet', { adapterBank: true })), 'unet', []), [LORA_MIX_INPUT]: mixTensor([[], []], 0) };
+        return [label, async () => (await (await engine.session('unet', { adapterBank: true })).run({ ...feeds, sample, timestep, encoder_hidden_states: context }, ['noise_pred'])).noise_pred!.data as Float32Array];
+      }
+      const adapters = use(loras);
+      return [label, async () => (await engine.runUnet({ sample, timestep, encoderHiddenStates: context }, {}, adapters)).noise_pred!.data];
+    });
+    return await interleaved(name, forwards);
   } finally {
     await engine.dispose();
   }
 }
+
+const phase1 = await phase('phase 1', [
+  ['plain', () => undefined],
+  ['bank K=1', (l) => bankUse(l.slice(0, 1))],
+  ['bank K=4', (l) => bankUse(l)],
+  ...(diagnoseK0 ? [[BANK_GRAPH_K0, () => undefined] as [string, () => undefined]] : []),
+]);
+const phase2 = await phase('phase 2', [
+  ['plain', () => undefined],
+  ['fused K=1', (l) => ({ mode: 'merged', stack: stackOf(l.slice(0, 1)) })],
+]);
+const medians: Record<string, number> = Object.fromEntries(Object.entries(phase1).map(([k, v]) => [k, v.medianMs]));
+medians['fused K=1'] = (phase2['fused K=1']!.medianMs / phase2.plain!.medianMs) * medians.plain!; // phase 2's ratio, on phase 1's scale
+const outputs: Record<string, Float32Array> = { plain: phase1.plain!.out, 'bank K=1': phase1['bank K=1']!.out, 'fused K=1': phase2['fused K=1']!.out };
 
 // Correctness: the bank and the fused variant apply the same LoRA.
 const a = outputs['bank K=1']!;
@@ -111,6 +143,6 @@ for (let i = 0; i < a.length; i++) {
   change = Math.max(change, Math.abs(a[i]! - base[i]!));
 }
 const ratios = Object.fromEntries(Object.entries(medians).map(([k, v]) => [k, Math.round((v / medians.plain!) * 1000) / 1000]));
-emit({ record: 'lora_summary', bankVsFusedMaxAbsDiff: maxDiff, loraMaxAbsChange: change, ratioToPlain: ratios, medianMs: medians });
+emit({ record: 'lora_summary', bankVsFusedMaxAbsDiff: maxDiff, loraMaxAbsChange: change, ratioToK0: ratios, medianMs: medians });
 log(`bank K=1 vs fused K=1: max |diff| ${maxDiff.toExponential(2)} (the LoRA changes the output by up to ${change.toExponential(2)})`);
-log(`ratios to the plain graph: ${Object.entries(ratios).map(([k, v]) => `${k} ${v}`).join(', ')}`);
+log(`ratios to K = 0 (the plain graph, which the engine runs when no LoRA is active): ${Object.entries(ratios).map(([k, v]) => `${k} ${v}`).join(', ')}`);

@@ -362,8 +362,15 @@ export class Sd15Engine {
    */
   async #withAdapters(kind: 'text_encoder' | 'unet', variant: GraphVariant, adapters: AdapterUse | undefined, batch: number): Promise<{ session: OrtSession; feeds: Record<string, Tensor> }> {
     const component: LoraComponent = kind;
-    // No LoRAs: the plain graph. (An explicit bank call with an empty stack runs the bank graph with K = 0.)
-    if (adapters === undefined || (adapters.mode === 'merged' && adapters.stack.size === 0)) return { session: await this.session(kind, variant), feeds: {} };
+    // No LoRAs (K = 0, either mode): the plain graph, whose outputs the bank graph with K = 0 equals. ONNX
+    // Runtime runs the bank graph's zero-sized adapter tensors slower than K = 1 (bench/lora.ts), so K = 0
+    // never takes that path.
+    if (adapters === undefined || adapters.stack.size === 0) {
+      if (adapters?.mode === 'bank' && adapters.mix.length !== batch) {
+        throw new ModelError('SHAPE_MISMATCH', `the LoRA mix must have one row per batch element (${batch}); got ${adapters.mix.length} rows.`, { input: LORA_MIX_INPUT });
+      }
+      return { session: await this.session(kind, variant), feeds: {} };
+    }
     if (adapters.mode === 'merged') {
       const patch = mergePatch(
         component,

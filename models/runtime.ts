@@ -247,6 +247,8 @@ export class OrtSession {
         // A provider that cannot start is reported through `choice.tried`; keep ORT's own log quiet about it.
         ...(candidate === 'cpu' ? {} : { logSeverityLevel: 4 as const }),
         ...(options.threads === undefined ? {} : { intraOpNumThreads: options.threads }),
+        // Developer aid: CHORUS_ORT_PROFILE=<prefix> writes ONNX Runtime's per-node timing JSON on dispose.
+        ...(process.env.CHORUS_ORT_PROFILE ? { enableProfiling: true, profileFilePrefix: process.env.CHORUS_ORT_PROFILE } : {}),
       };
       try {
         const session = typeof model === 'string' ? await ort.InferenceSession.create(model, sessionOptions) : await ort.InferenceSession.create(model, sessionOptions);
@@ -287,6 +289,7 @@ export class OrtSession {
   async dispose(): Promise<void> {
     const s = this.#session;
     this.#session = undefined;
+    if (s !== undefined && process.env.CHORUS_ORT_PROFILE) s.endProfiling();
     if (s !== undefined) await s.release();
   }
 }

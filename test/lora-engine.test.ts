@@ -11,6 +11,8 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { AdapterStack, Sd15Engine, openSafetensors, type AdapterUse, type LoadedLora, type Tensor } from '../models/index.ts';
+import { bankFeeds, mixTensor } from '../models/lora/bank.ts';
+import { LORA_MIX_INPUT, bankLayersOf } from '../models/networks/adapter-bank.ts';
 import { FIXTURES, REF, assertClose, refCases } from './fixtures.ts';
 
 const MODEL = path.join(FIXTURES, 'tiny-sd15');
@@ -71,8 +73,15 @@ describe('LoRAs through the engine match the reference', () => {
 
   test('K = 0 on the bank graph gives the plain graph\'s output', async () => {
     const plain = await engine.runUnet({ sample, timestep, encoderHiddenStates: ctx });
+    // The engine runs an empty bank stack on the plain graph; the bank graph itself, fed K = 0
+    // (zero-sized adapter inputs), must give the same output.
     const empty = await engine.runUnet({ sample, timestep, encoderHiddenStates: ctx }, {}, { mode: 'bank', stack: new AdapterStack([]), mix: [[]] });
     assert.deepEqual(empty.noise_pred!.data, plain.noise_pred!.data);
+    const bankSession = await engine.session('unet', { adapterBank: true });
+    const zeroFeeds = bankFeeds(bankLayersOf(engine.buildGraph('unet', { adapterBank: true })), 'unet', []);
+    assert.ok(Object.keys(zeroFeeds).length > 100, 'the bank graph has adapter inputs');
+    const onBank = await bankSession.run({ ...zeroFeeds, [LORA_MIX_INPUT]: mixTensor([[]], 0), sample, timestep, encoder_hidden_states: ctx }, ['noise_pred']);
+    assertClose(onBank.noise_pred!.data as Float32Array, plain.noise_pred!.data, 1e-6, 'bank graph with K = 0');
     const bankZero = await engine.runUnet(
       { sample, timestep, encoderHiddenStates: ctx },
       {},

@@ -126,10 +126,12 @@ function expandedMix(g: Ops, bank: BankState, owner: Value): Value {
 }
 
 /**
- * Δy for a linear bank layer on x (B, …, in) of rank `inputRank` → (B, …, out), or undefined when
- * not a bank layer. `mix` overrides the per-batch mix (the region path's per-slot mix).
+ * The low-rank half of a linear bank layer on x (B, …, in) of rank `inputRank`: the mixed
+ * activation `hidden` = mix[b, owner] ⊙ (x · down), (B, …, R), and the `up` input [R, out], so that
+ * Δy = hidden · up. Undefined when the module is not a bank layer. `mixOverride` replaces the
+ * per-batch mix (the region path's per-slot mix).
  */
-export function linearDelta(g: Ops, module: string, x: Value, inFeatures: number, outFeatures: number, inputRank: number, mixOverride?: Value): Value | undefined {
+export function linearLowRank(g: Ops, module: string, x: Value, inFeatures: number, outFeatures: number, inputRank: number, mixOverride?: Value): { hidden: Value; up: Value } | undefined {
   const bank = bankFor(g, module);
   if (bank === undefined) return undefined;
   const { down, up, owner } = layerInputs(g, bank, { module, kind: 'linear', inFeatures, outFeatures, kernel: 1 });
@@ -149,7 +151,16 @@ export function linearDelta(g: Ops, module: string, x: Value, inFeatures: number
     const mix = expandedMix(g, bank, owner); // (B, R)
     weighted = g.mul(h, middle.length === 0 ? mix : g.unsqueeze(mix, middle)); // × (B, 1…, R)
   }
-  return g.matmul(weighted, up); // (B, …, R) → (B, …, out)
+  return { hidden: weighted, up };
+}
+
+/**
+ * Δy for a linear bank layer on x (B, …, in) of rank `inputRank` → (B, …, out), or undefined when
+ * not a bank layer. `mix` overrides the per-batch mix (the region path's per-slot mix).
+ */
+export function linearDelta(g: Ops, module: string, x: Value, inFeatures: number, outFeatures: number, inputRank: number, mixOverride?: Value): Value | undefined {
+  const low = linearLowRank(g, module, x, inFeatures, outFeatures, inputRank, mixOverride);
+  return low === undefined ? undefined : g.matmul(low.hidden, low.up); // (B, …, R) → (B, …, out)
 }
 
 /**
@@ -175,8 +186,12 @@ export function timeEmbeddingDelta(g: Ops, module: string, x: Value, inFeatures:
   return g.reshape(g.transpose(delta, [0, 2, 1]), spatialShape);
 }
 
-/** Δy for a conv bank layer on x (B, in, H, W) → (B, out, H', W'), or undefined when not a bank layer. */
-export function convDelta(g: Ops, module: string, x: Value, inChannels: number, outChannels: number, kernel: number, stride: number, padding: Padding2d): Value | undefined {
+/**
+ * The low-rank half of a conv bank layer on x (B, in, H, W): the mixed activation `hidden`
+ * (B, R, H', W') (the base conv's kernel, stride and padding) and the 1×1 `up` [out, R, 1, 1], so
+ * that Δy = conv1×1(hidden, up). Undefined when the module is not a bank layer.
+ */
+export function convLowRank(g: Ops, module: string, x: Value, inChannels: number, outChannels: number, kernel: number, stride: number, padding: Padding2d): { hidden: Value; up: Value } | undefined {
   const bank = bankFor(g, module);
   if (bank === undefined) return undefined;
   const { down, up, owner } = layerInputs(g, bank, { module, kind: 'conv', inFeatures: inChannels, outFeatures: outChannels, kernel });
@@ -186,8 +201,13 @@ export function convDelta(g: Ops, module: string, x: Value, inChannels: number, 
     bank.spatial !== undefined && level !== undefined
       ? g.gather(mixMap(g, bank.spatial, level), owner, { dim: 1 }) // (B, K, H', W') → (B, R, H', W')
       : g.unsqueeze(expandedMix(g, bank, owner), [2, 3]); // (B, R, 1, 1)
-  const weighted = g.mul(h, scale);
-  return g.conv2d(weighted, up, undefined, {}); // (B, out, H', W')
+  return { hidden: g.mul(h, scale), up };
+}
+
+/** Δy for a conv bank layer on x (B, in, H, W) → (B, out, H', W'), or undefined when not a bank layer. */
+export function convDelta(g: Ops, module: string, x: Value, inChannels: number, outChannels: number, kernel: number, stride: number, padding: Padding2d): Value | undefined {
+  const low = convLowRank(g, module, x, inChannels, outChannels, kernel, stride, padding);
+  return low === undefined ? undefined : g.conv2d(low.hidden, low.up, undefined, {}); // (B, out, H', W')
 }
 
 /** The bank layers of a built graph, read back from its `lora.<module>.down/up` inputs. */

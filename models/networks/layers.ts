@@ -5,7 +5,7 @@
  */
 import type { Value } from '../onnx/builder.ts';
 import type { Ops, Padding2d } from '../onnx/ops.ts';
-import { convDelta, linearDelta } from './adapter-bank.ts';
+import { convLowRank, linearLowRank } from './adapter-bank.ts';
 
 /**
  * `nn.Linear(inFeatures, outFeatures, bias)`; weight [out, in]. (B, …, in) → (B, …, out).
@@ -15,9 +15,11 @@ export function linear(g: Ops, name: string, x: Value, inFeatures: number, outFe
   return g.scope(name, () => {
     const wT = g.param('weight', [inFeatures, outFeatures], 'float32', { transposed: true }); // stored [out, in]
     const b = options.bias ? g.param('bias', [outFeatures]) : undefined;
-    const y = g.linear(x, wT, b);
-    const delta = options.bank === false ? undefined : linearDelta(g, g.scopePath, x, inFeatures, outFeatures, options.inputRank ?? 3, options.mix);
-    return delta === undefined ? y : g.add(y, delta);
+    const low = options.bank === false ? undefined : linearLowRank(g, g.scopePath, x, inFeatures, outFeatures, options.inputRank ?? 3, options.mix);
+    if (low === undefined) return g.linear(x, wT, b);
+    // y = x·Wᵀ + b + hidden·up as one product over the widened inner axis, [x | hidden]·[Wᵀ ; up]:
+    // no separate delta tensor to write and add back (the bank's cost is mostly that memory traffic).
+    return g.linear(g.concat([x, low.hidden], { dim: -1 }), g.concat([wT, low.up], { dim: 0 }), b);
   });
 }
 
@@ -35,9 +37,12 @@ export function conv2d(
     const b = g.param('bias', [outChannels]);
     const stride = options.stride ?? 1;
     const padding = options.padding ?? 0;
-    const y = g.conv2d(x, w, b, { stride, padding });
-    const delta = convDelta(g, g.scopePath, x, inChannels, outChannels, options.kernel, stride, padding);
-    return delta === undefined ? y : g.add(y, delta);
+    const low = convLowRank(g, g.scopePath, x, inChannels, outChannels, options.kernel, stride, padding);
+    if (low === undefined) return g.conv2d(x, w, b, { stride, padding });
+    // A 1×1 conv takes its delta as extra input channels, [x | hidden] * [W | up] (see `linear`);
+    // a wider kernel adds the 1×1 up-projection's output.
+    if (options.kernel === 1 && stride === 1 && padding === 0) return g.conv2d(g.concat([x, low.hidden], { dim: 1 }), g.concat([w, low.up], { dim: 1 }), b, { stride, padding });
+    return g.add(g.conv2d(x, w, b, { stride, padding }), g.conv2d(low.hidden, low.up, undefined, {}));
   });
 }
 
