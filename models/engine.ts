@@ -8,6 +8,7 @@
  */
 import { ModelError } from './errors.ts';
 import { defaultCacheDir, prepareModelFiles } from './cache.ts';
+import { preciseForWebGpu } from './onnx/precise-rewrites.ts';
 import { openModel, type OpenedModel, type OpenModelOptions } from './model.ts';
 import { buildClipTextGraph } from './networks/clip-text.ts';
 import { buildUnetGraph } from './networks/unet.ts';
@@ -346,7 +347,7 @@ export class Sd15Engine {
   async #createSession(kind: GraphKind, variant: GraphVariant, patchIn: ParamPatch | undefined): Promise<OrtSession> {
     const plan = await this.plan();
     const patch = plan.precision.precision === 'fp16' ? fp16WeightsPatch(patchIn) : patchIn;
-    const graph = this.buildGraph(kind, variant);
+    const graph = forDevice(this.buildGraph(kind, variant), plan.device);
     // Variants that use a subset of the weights (the shallow UNet, the maps-only UNet) share the full graph's weights file.
     const weightsGraph =
       kind === 'unet' && variant.shallow === true ? this.buildGraph(kind, { ...variant, shallow: false }) : kind === 'unet' && variant.mapsOnly === true ? this.buildGraph('unet') : graph;
@@ -570,7 +571,7 @@ export class Sd15Engine {
     let pending = this.#sessions.get(key);
     if (pending === undefined) {
       pending = (async () => {
-        const graph = buildUnetVjpGraph(c, options);
+        const graph = forDevice(buildUnetVjpGraph(c, options), (await this.plan()).device);
         // Bound against the plain UNet's parameters, so the VJP graph shares its weights file.
         const bound = bindWeights(this.buildGraph('unet').params, this.model.weights('unet'));
         const prepared = prepareModelFiles(graph, bound, { cacheDir: this.cacheDir, component: 'unet', ...(patch === undefined ? {} : { patch }) });
@@ -651,4 +652,9 @@ export class Sd15Engine {
     }
     this.model.close();
   }
+}
+
+/** Provider-specific rewrites of a graph before its session: on WebGPU, two-pass norms and range-reduced sin/cos (see `preciseForWebGpu`). */
+function forDevice(graph: Graph, device: string): Graph {
+  return device === 'webgpu' ? preciseForWebGpu(graph) : graph;
 }
