@@ -112,6 +112,15 @@ describe('WebGPU: the fixture conformance cases in fp32', { skip }, () => {
     },
   );
 
+  test('the shallow UNet (CMLoRA cut) fed a full pass\'s deep feature reproduces that pass', { skip: heavy }, async () => {
+    const c = refCases('unet').find((x) => x.id === 'unet/t1_b2_cfg')!;
+    const input = { sample: read(c, c.inputs.sample!.key), timestep: read(c, c.inputs.timestep!.key), encoderHiddenStates: read(c, c.inputs.encoder_hidden_states!.key) };
+    const full = await engine.runUnet(input, { deepFeature: true });
+    assertClose(full.noise_pred!.data, readF32(c, c.outputs.noise_pred!.key), c.tolerance.atol!, 'full pass with the deep-feature output');
+    const shallow = await engine.runUnet({ ...input, deepFeature: full.deep_feature! }, { shallow: true });
+    assertClose(shallow.noise_pred!.data, full.noise_pred!.data, 1e-5, 'shallow pass vs full pass');
+  });
+
   test('VAE decoder vae/dec_16x16', async () => {
     const c = refCases('vae_decode').find((x) => x.id === 'vae/dec_16x16')!;
     const out = await engine.decodeLatents(read(c, c.inputs.latents_scaled!.key));
@@ -159,6 +168,35 @@ describe('WebGPU: the fixture conformance cases in fp32', { skip }, () => {
       assertClose(result.images[0]!.finalLatents.data, ref.readFloat32(c.outputs.final_latents.key).data, c.tolerance.final_latents_atol, 'final latents');
     } finally {
       ref.close();
+    }
+  });
+});
+
+describe('WebGPU: chorus debug vjp (the gradient graph) on the vjp/b1_t500 fixture case', { skip: heavy }, () => {
+  test('xattn, selfattn and grad_sample within the fixture tolerances', (t) => {
+    const c = refCases('vjp').find((x) => x.id === 'vjp/b1_t500')!;
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chorus-webgpu-vjp-'));
+    try {
+      const out = path.join(dir, 'vjp.safetensors');
+      const prefix = c.inputs.sample!.key.replace(/sample$/, '');
+      const r = spawnSync(
+        process.execPath,
+        [path.join(ROOT, 'cli/bin/chorus.mjs'), 'debug', 'vjp', '--model', MODEL, '--inputs', path.join(REF, c.file), '--prefix', prefix, '--out', out, '--cache', path.join(dir, 'cache'), '--device', 'webgpu'],
+        { cwd: ROOT, encoding: 'utf-8', env: process.env },
+      );
+      assert.equal(r.status, 0, r.stderr);
+      assert.match(r.stdout, /^unet vjp on webgpu: wrote/m);
+      const got = openSafetensors(out);
+      try {
+        const dx = assertClose(got.readFloat32('xattn').data, readF32(c, c.outputs.xattn!.key), c.tolerance.taps_atol!, 'xattn');
+        const ds = assertClose(got.readFloat32('selfattn').data, readF32(c, c.outputs.selfattn!.key), c.tolerance.taps_atol!, 'selfattn');
+        const dg = assertClose(got.readFloat32('grad_sample').data, readF32(c, c.outputs.grad_sample!.key), c.tolerance.atol!, 'grad_sample');
+        t.diagnostic(`max |diff| on WebGPU: xattn ${dx.toExponential(2)}, selfattn ${ds.toExponential(2)}, grad_sample ${dg.toExponential(2)} (atol ${c.tolerance.atol})`);
+      } finally {
+        got.close();
+      }
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
     }
   });
 });
