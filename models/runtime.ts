@@ -213,18 +213,29 @@ export async function resolveProviders(device: Device): Promise<{ candidates: Co
   return { candidates: providerCandidates(device, process.platform, webgpu), webgpu, ...(note === undefined ? {} : { note }) };
 }
 
+/** Run errors that mean the GPU provider cannot run the graph (not bad inputs): retried on the CPU. */
+const GPU_RUN_FAILURE = /WebGPU|Allocation size|device (?:lost|limit)|out of memory|CUDA|DirectML|\bDML\b|CoreML/i;
+
 /** One ONNX Runtime session with typed run(). `dispose()` when done. */
 export class OrtSession {
-  readonly choice: ProviderChoice;
   readonly inputNames: readonly string[];
   readonly outputNames: readonly string[];
   #session: ort.InferenceSession | undefined;
+  #choice: ProviderChoice;
+  /** What the session was made from and how, for the CPU fallback of a failed GPU run. */
+  readonly #source: { model: string | Uint8Array; threads?: number };
 
-  private constructor(session: ort.InferenceSession, choice: ProviderChoice) {
+  private constructor(session: ort.InferenceSession, choice: ProviderChoice, source: { model: string | Uint8Array; threads?: number }) {
     this.#session = session;
-    this.choice = choice;
+    this.#choice = choice;
+    this.#source = source;
     this.inputNames = session.inputNames;
     this.outputNames = session.outputNames;
+  }
+
+  /** The provider running this session and why (changes once if a GPU run fails and the CPU takes over). */
+  get choice(): ProviderChoice {
+    return this.#choice;
   }
 
   /** Create a session from a model file (external data resolves beside it) or model bytes. */
@@ -259,7 +270,7 @@ export class OrtSession {
               ? `${what}: the first provider available on ${process.platform}${note === undefined ? '' : `; ${note}`}`
               : `${what}: as requested`
             : `${what}: ${tried.map((t) => `${t.device} failed (${t.error})`).join('; ')}${note === undefined ? '' : `; ${note}`}`;
-        return new OrtSession(session, { device: candidate, reason, tried });
+        return new OrtSession(session, { device: candidate, reason, tried }, { model, ...(options.threads === undefined ? {} : { threads: options.threads }) });
       } catch (e) {
         tried.push({ device: candidate, error: (e as Error).message.split('\n')[0] ?? String(e) });
       }
@@ -279,11 +290,35 @@ export class OrtSession {
     try {
       results = fetch === undefined ? await session.run(ortFeeds) : await session.run(ortFeeds, [...fetch]);
     } catch (e) {
-      throw new ModelError('RUNTIME', `inference failed: ${(e as Error).message}`, { inputs: Object.keys(feeds).length });
+      const message = (e as Error).message;
+      if (this.#choice.device === 'cpu' || !GPU_RUN_FAILURE.test(message)) throw new ModelError('RUNTIME', `inference failed: ${message}`, { inputs: Object.keys(feeds).length });
+      await this.#fallBackToCpu(message);
+      return this.run(feeds, fetch, options);
     }
     const out: Record<string, Tensor> = {};
     for (const [k, v] of Object.entries(results)) out[k] = fromOrt(v);
     return out;
+  }
+
+  /**
+   * A GPU provider that cannot run the graph (WebGPU: a buffer over the adapter's limits, device
+   * lost; onnxruntime-node does not expose the adapter's limits to check them beforehand) hands the
+   * session to the CPU for good, and the choice says so.
+   */
+  async #fallBackToCpu(error: string): Promise<void> {
+    const from = this.#choice.device;
+    const first = error.split('\n')[0] ?? error;
+    const options: ort.InferenceSession.SessionOptions = {
+      executionProviders: ['cpu'],
+      graphOptimizationLevel: 'all',
+      ...(this.#source.threads === undefined ? {} : { intraOpNumThreads: this.#source.threads }),
+    };
+    const model = this.#source.model;
+    const cpu = typeof model === 'string' ? await ort.InferenceSession.create(model, options) : await ort.InferenceSession.create(model, options);
+    const old = this.#session;
+    this.#session = cpu;
+    if (old !== undefined) await old.release().catch(() => undefined);
+    this.#choice = { device: 'cpu', reason: `cpu: ${from} could not run this graph (${first}); running on the CPU instead`, tried: [...this.#choice.tried, { device: from, error: first }] };
   }
 
   async dispose(): Promise<void> {

@@ -23,7 +23,10 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { AdapterStack, Sd15Engine, openSafetensors, type Tensor } from '../models/index.ts';
-import { probeWebGpu } from '../models/runtime.ts';
+import { OrtSession, probeWebGpu } from '../models/runtime.ts';
+import { attr } from '../models/onnx/builder.ts';
+import { Ops } from '../models/onnx/ops.ts';
+import { serializeModel } from '../models/onnx/serialize.ts';
 import { engineModels, generate, normalizeJob, type SdModels } from '../pipelines/index.ts';
 import { FIXTURES, REF, assertClose, readManifest, refCases, type RefCase } from './fixtures.ts';
 
@@ -168,6 +171,28 @@ describe('WebGPU: the fixture conformance cases in fp32', { skip }, () => {
       assertClose(result.images[0]!.finalLatents.data, ref.readFloat32(c.outputs.final_latents.key).data, c.tolerance.final_latents_atol, 'final latents');
     } finally {
       ref.close();
+    }
+  });
+});
+
+describe('WebGPU: a graph over the adapter\'s limits', { skip }, () => {
+  test('falls back to the CPU at run time, with the reason in the provider choice', async () => {
+    // A 2.1 GiB intermediate: over SwiftShader's buffer limit (Dawn: "Allocation size too large").
+    const n = 2100 * 1024 * 256;
+    const g = new Ops('too_big');
+    const x = g.input('x', 'float32', [1]);
+    const big = g.node('Expand', [g.mul(x, g.scalar(2)), g.int64s([n])])[0]!;
+    g.output(g.node('ReduceMax', [big], { keepdims: attr.int(0) })[0]!, 'y', 'float32', []);
+    const s = await OrtSession.create(serializeModel(g.finish(), () => assert.fail('no parameters')), { device: 'webgpu' });
+    try {
+      assert.equal(s.choice.device, 'webgpu');
+      const out = await s.run({ x: { dtype: 'float32', shape: [1], data: new Float32Array([1.5]) } });
+      assert.equal((out.y!.data as Float32Array)[0], 3);
+      assert.equal(s.choice.device, 'cpu');
+      assert.match(s.choice.reason, /^cpu: webgpu could not run this graph \(.*\); running on the CPU instead$/);
+      assert.equal(s.choice.tried.at(-1)?.device, 'webgpu');
+    } finally {
+      await s.dispose();
     }
   });
 });
