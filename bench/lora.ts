@@ -51,8 +51,21 @@ function randomTensor(seed: number, label: string, shape: number[]): Tensor<'flo
 
 type Forward = () => Promise<Float32Array>;
 
+function median(xs: readonly number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 === 1 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+}
+
 /** `warmup` forwards each, then `runs` rounds of one forward per variant; records per variant. */
-async function interleaved(phase: string, forwards: ReadonlyArray<[string, Forward]>): Promise<Record<string, { medianMs: number; out: Float32Array }>> {
+interface Measured {
+  readonly medianMs: number;
+  readonly out: Float32Array;
+  /** Per round: this variant's time over the first variant's (its neighbour in time), then the median. */
+  readonly pairedRatio: number;
+}
+
+async function interleaved(phase: string, forwards: ReadonlyArray<[string, Forward]>): Promise<Record<string, Measured>> {
   const samples = new Map<string, number[]>(forwards.map(([label]) => [label, []]));
   const outs = new Map<string, Float32Array>();
   for (const [label, fn] of forwards) {
@@ -67,12 +80,14 @@ async function interleaved(phase: string, forwards: ReadonlyArray<[string, Forwa
       samples.get(label)!.push(performance.now() - t0);
     }
   }
-  const result: Record<string, { medianMs: number; out: Float32Array }> = {};
+  const result: Record<string, Measured> = {};
+  const first = samples.get(forwards[0]![0])!;
   for (const [label] of forwards) {
     const stats = timingStats(samples.get(label)!);
-    emit({ record: 'lora_forward', phase, variant: label, batch: BATCH, resolutionPx: LATENT * 8, rank: RANK, timing: stats });
-    log(`${phase} ${label}: median ${stats.medianMs.toFixed(0)} ms (${stats.minMs.toFixed(0)}–${stats.maxMs.toFixed(0)}, n=${stats.runs})`);
-    result[label] = { medianMs: stats.medianMs, out: outs.get(label)! };
+    const pairedRatio = Math.round(median(samples.get(label)!.map((t, i) => t / first[i]!)) * 1000) / 1000;
+    emit({ record: 'lora_forward', phase, variant: label, batch: BATCH, resolutionPx: LATENT * 8, rank: RANK, timing: stats, pairedRatio });
+    log(`${phase} ${label}: median ${stats.medianMs.toFixed(0)} ms (${stats.minMs.toFixed(0)}–${stats.maxMs.toFixed(0)}, n=${stats.runs}); per-round ratio to ${forwards[0]![0]}, median ${pairedRatio}`);
+    result[label] = { medianMs: stats.medianMs, out: outs.get(label)!, pairedRatio };
   }
   return result;
 }
@@ -100,7 +115,7 @@ function bankUse(loras: readonly LoadedLora[]): AdapterUse {
 /** The bank graph fed zero-sized adapter inputs: a diagnostic (the engine runs K = 0 on the plain graph). */
 const BANK_GRAPH_K0 = 'bank graph fed K=0';
 
-async function phase(name: string, variants: ReadonlyArray<[string, (loras: LoadedLora[]) => AdapterUse | undefined]>): Promise<Record<string, { medianMs: number; out: Float32Array }>> {
+async function phase(name: string, variants: ReadonlyArray<[string, (loras: LoadedLora[]) => AdapterUse | undefined]>): Promise<Record<string, Measured>> {
   const engine = Sd15Engine.open(model.dir, { device: 'cpu', cacheDir, threads });
   try {
     const loras = loraFiles.map((f) => engine.loadLora(f));
@@ -143,6 +158,8 @@ for (let i = 0; i < a.length; i++) {
   change = Math.max(change, Math.abs(a[i]! - base[i]!));
 }
 const ratios = Object.fromEntries(Object.entries(medians).map(([k, v]) => [k, Math.round((v / medians.plain!) * 1000) / 1000]));
-emit({ record: 'lora_summary', bankVsFusedMaxAbsDiff: maxDiff, loraMaxAbsChange: change, ratioToK0: ratios, medianMs: medians });
+const paired: Record<string, number> = { ...Object.fromEntries(Object.entries(phase1).map(([k, v]) => [k, v.pairedRatio])), 'fused K=1': phase2['fused K=1']!.pairedRatio };
+emit({ record: 'lora_summary', bankVsFusedMaxAbsDiff: maxDiff, loraMaxAbsChange: change, ratioToK0: ratios, pairedRatioToK0: paired, medianMs: medians });
 log(`bank K=1 vs fused K=1: max |diff| ${maxDiff.toExponential(2)} (the LoRA changes the output by up to ${change.toExponential(2)})`);
-log(`ratios to K = 0 (the plain graph, which the engine runs when no LoRA is active): ${Object.entries(ratios).map(([k, v]) => `${k} ${v}`).join(', ')}`);
+log(`ratios of medians to K = 0 (the plain graph, which the engine runs when no LoRA is active): ${Object.entries(ratios).map(([k, v]) => `${k} ${v}`).join(', ')}`);
+log(`median per-round ratios to K = 0 (each forward over the plain forward of its round): ${Object.entries(paired).map(([k, v]) => `${k} ${v}`).join(', ')}`);
