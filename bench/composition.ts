@@ -7,7 +7,9 @@
  * Ratios: Composite batched / N calls (goal ≤ 1/1.3), CMLoRA c / Composite (goal c = 3 ≤ 0.5),
  * Merge / plain.
  *
- *   npm run bench:composition [-- --only tiny|sd15 --n 2,3,5 --steps 6 --variants composite,cmlora]
+ *   npm run bench:composition [-- --only tiny|sd15 --n 2,3,5 --steps 6 --variants composite,cmlora --reps 3]
+ *
+ * Tiny figures are the median of `--reps` timed images per variant (after an untimed warm-up).
  *
  * Correctness first: Composite batched and as N calls must give the same latents.
  * JSON lines on stdout, a summary on stderr.
@@ -24,7 +26,11 @@ import { defaultBenchWorkDir, prepareRandomSd15FullModel } from './random-weight
 import { writeRandomLora } from './random-lora.ts';
 import { runConditions } from './run-conditions.ts';
 
-const { values } = parseArgs({ options: { only: { type: 'string' }, variants: { type: 'string' }, n: { type: 'string', default: '2,3,5' }, steps: { type: 'string', default: '6' }, threads: { type: 'string' } } });
+const { values } = parseArgs({
+  options: { only: { type: 'string' }, variants: { type: 'string' }, n: { type: 'string', default: '2,3,5' }, steps: { type: 'string', default: '6' }, threads: { type: 'string' }, reps: { type: 'string', default: '3' } },
+});
+/** Timed images per variant on the tiny model (the median is reported); one run at SD 1.5 size. */
+const tinyReps = Number(values.reps);
 const only = values.only?.split(',') ?? ['tiny', 'sd15'];
 const counts = values.n.split(',').map(Number);
 const sd15Steps = Number(values.steps);
@@ -72,22 +78,27 @@ async function run(setting: 'tiny' | 'sd15', modelDir: string, loraFiles: readon
         const j = normalizeJob({ ...job, model: modelDir, loras, strategy: v.strategy, loraMode: 'bank' });
         // Warm-up: builds the sessions this variant needs (not timed).
         await generate({ ...j, steps: 2 }, models, v.maxBatch === undefined ? {} : { maxBatch: v.maxBatch });
-        const stepTimes: number[] = [];
-        let last = performance.now();
-        const t0 = last;
-        const result = await generate(j, models, {
-          ...(v.maxBatch === undefined ? {} : { maxBatch: v.maxBatch }),
-          onProgress: () => {
-            const now = performance.now();
-            stepTimes.push(now - last);
-            last = now;
-          },
-        });
-        const total = performance.now() - t0;
-        const figure = perStep ? stepTimes.slice(1).reduce((a, b) => a + b, 0) / Math.max(1, stepTimes.length - 1) : total;
+        const figures: number[] = [];
+        let result: Awaited<ReturnType<typeof generate>> | undefined;
+        for (let rep = 0; rep < (perStep ? 1 : tinyReps); rep++) {
+          const stepTimes: number[] = [];
+          let last = performance.now();
+          const t0 = last;
+          result = await generate(j, models, {
+            ...(v.maxBatch === undefined ? {} : { maxBatch: v.maxBatch }),
+            onProgress: () => {
+              const now = performance.now();
+              stepTimes.push(now - last);
+              last = now;
+            },
+          });
+          const total = performance.now() - t0;
+          figures.push(perStep ? stepTimes.slice(1).reduce((a, b) => a + b, 0) / Math.max(1, stepTimes.length - 1) : total);
+        }
+        const figure = [...figures].sort((x, y) => x - y)[figures.length >> 1]!;
         times[v.label] = figure;
-        finals[v.label] = result.images[0]!.finalLatents.data;
-        emit({ record: 'composition', setting, n, variant: v.label, [perStep ? 'msPerStep' : 'msPerImage']: Math.round(figure), steps: j.steps, size: `${j.width}x${j.height}` });
+        finals[v.label] = result!.images[0]!.finalLatents.data;
+        emit({ record: 'composition', setting, n, variant: v.label, [perStep ? 'msPerStep' : 'msPerImage']: Math.round(figure), samplesMs: figures.map(Math.round), steps: j.steps, size: `${j.width}x${j.height}` });
         log(`${setting} N=${n} ${v.label}: ${perStep ? `${(figure / 1000).toFixed(2)} s/step` : `${(figure / 1000).toFixed(2)} s/image`}`);
       }
     } finally {

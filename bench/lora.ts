@@ -6,7 +6,7 @@
  * graph fed zero-sized adapter inputs (ONNX Runtime runs it slower than K = 1, which is why the
  * engine does not).
  *
- * The variants are measured interleaved (round robin, one forward each per round) in one engine
+ * The variants are measured interleaved (one forward each per round, the order rotating) in one engine
  * that holds their sessions side by side, so drift of the machine over the minutes a run takes
  * (other processes, memory state) falls on every variant alike; measured one after the other,
  * that drift alone moved ratios by ±10 %. Phase 1: plain, bank K = 1, 4 (two sessions); phase 2:
@@ -74,7 +74,9 @@ async function interleaved(phase: string, forwards: ReadonlyArray<[string, Forwa
     log(`${phase} ${label}: session + warm-up ${((performance.now() - t0) / 1000).toFixed(1)} s`);
   }
   for (let round = 0; round < runs; round++) {
-    for (const [label, fn] of forwards) {
+    // The order rotates every round, so a drift within a round favours no variant.
+    for (let i = 0; i < forwards.length; i++) {
+      const [label, fn] = forwards[(i + round) % forwards.length]!;
       const t0 = performance.now();
       outs.set(label, await fn());
       samples.get(label)!.push(performance.now() - t0);
