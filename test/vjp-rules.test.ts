@@ -180,6 +180,10 @@ const CASES: RuleCase[] = [
   { name: 'Neg', inputs: { x: { shape: [2, 3] } }, build: (g, { x }) => g.neg(x!) },
   { name: 'Sqrt', inputs: { x: { shape: [2, 3], init: 'positive' } }, build: (g, { x }) => g.sqrt(x!) },
   { name: 'Exp', inputs: { x: { shape: [2, 3] } }, build: (g, { x }) => g.exp(x!) },
+  { name: 'Log', inputs: { x: { shape: [2, 3], init: 'positive' } }, build: (g, { x }) => g.log(x!) },
+  { name: 'ReduceMax over the last axis, keepdim', inputs: { x: { shape: [2, 3, 5] } }, build: (g, { x }) => g.mul(g.reduceMax(x!, { dims: [-1], keepdim: true }), c([2, 3, 1], 61)(g)) },
+  { name: 'ReduceMax over axis 1', inputs: { x: { shape: [2, 4, 3] } }, build: (g, { x }) => g.reduceMax(x!, { dims: [1], keepdim: false }) },
+  { name: 'ReduceMin over the last axis', inputs: { x: { shape: [3, 6] } }, build: (g, { x }) => g.reduceMin(x!, { dims: [-1], keepdim: false }) },
   { name: 'Sin', inputs: { x: { shape: [2, 3] } }, build: (g, { x }) => g.sin(x!) },
   { name: 'Cos', inputs: { x: { shape: [2, 3] } }, build: (g, { x }) => g.cos(x!) },
   { name: 'Sigmoid', inputs: { x: { shape: [2, 3] } }, build: (g, { x }) => g.sigmoid(x!) },
@@ -321,6 +325,21 @@ describe('VJP graphs', () => {
     assert.match(dump, /^grad\.Softmax\/Mul(_\d+)? = Mul\(/m);
     // x feeds q, k and v: its three contributions are summed.
     assert.match(dump, /^grad\.x\/sum_1 = Add\(grad\.x\/sum, /m);
+  });
+
+  test('ReduceMax / ReduceMin share ȳ evenly among tied extrema (torch.amax / amin)', async () => {
+    for (const [op, want] of [['max', [0, 0.5, 0.5, 0, 1, 0, 0, 0]], ['min', [1, 0, 0, 0, 0, 1 / 3, 1 / 3, 1 / 3]]] as const) {
+      const g = new Ops('ties');
+      const x = g.input('x', 'float32', [2, 4]);
+      g.output(op === 'max' ? g.reduceMax(x, { dims: [-1], keepdim: false }) : g.reduceMin(x, { dims: [-1], keepdim: false }), 'y', 'float32', [2]);
+      const s = await OrtSession.create(modelBytes(buildVjpGraph(g.finish(), { outputs: ['y'], wrt: 'x' })), { device: 'cpu' });
+      try {
+        const out = await s.run({ x: { dtype: 'float32', shape: [2, 4], data: Float32Array.from([1, 3, 3, 2, 5, 1, 1, 1]) }, [cotangentInput('y')]: { dtype: 'float32', shape: [2], data: Float32Array.from([1, 1]) } });
+        assert.deepEqual([...(out[gradientOutput('x')]!.data as Float32Array)].map((v) => Math.round(v * 1e6) / 1e6), want.map((v) => Math.round(v * 1e6) / 1e6), op);
+      } finally {
+        await s.dispose();
+      }
+    }
   });
 
   test('prune what the chosen output does not need', () => {

@@ -59,6 +59,9 @@ export class Ops extends GraphBuilder {
   exp(x: Value): Value {
     return this.#one('Exp', [x]);
   }
+  log(x: Value): Value {
+    return this.#one('Log', [x]);
+  }
   sin(x: Value): Value {
     return this.#one('Sin', [x]);
   }
@@ -187,6 +190,13 @@ export class Ops extends GraphBuilder {
   /** `x.sum(dims, keepdim)`; ReduceSum takes axes as an input since opset 13. */
   reduceSum(x: Value, options: { dims: readonly number[]; keepdim: boolean }): Value {
     return this.#one('ReduceSum', [x, this.int64s(options.dims)], { keepdims: attr.int(options.keepdim ? 1 : 0) });
+  }
+  /** `x.amax(dims, keepdim)`; ReduceMax takes axes as an attribute up to opset 17. */
+  reduceMax(x: Value, options: { dims: readonly number[]; keepdim: boolean }): Value {
+    return this.#one('ReduceMax', [x], { axes: attr.ints(options.dims), keepdims: attr.int(options.keepdim ? 1 : 0) });
+  }
+  reduceMin(x: Value, options: { dims: readonly number[]; keepdim: boolean }): Value {
+    return this.#one('ReduceMin', [x], { axes: attr.ints(options.dims), keepdims: attr.int(options.keepdim ? 1 : 0) });
   }
   reduceMean(x: Value, options: { dims: readonly number[]; keepdim: boolean }): Value {
     // ReduceMean takes axes as an attribute up to opset 17 (an input from 18).

@@ -195,6 +195,9 @@ export const VJP_RULES: Readonly<Record<string, VjpRule>> = {
   // y = eˣ: x̄ = ȳ·y
   Exp: unary((c) => c.y()),
 
+  // y = ln x: x̄ = ȳ / x
+  Log: (c) => [c.g.div(c.dy(), c.x(0))],
+
   // y = sin x: x̄ = ȳ·cos x
   Sin: unary((c) => c.g.cos(c.x(0))),
 
@@ -406,6 +409,11 @@ export const VJP_RULES: Readonly<Record<string, VjpRule>> = {
     return [g.div(expanded, count)];
   },
 
+  // y = max(x, axes): ȳ goes to the maximal elements; ties share it evenly (torch's amax convention).
+  ReduceMax: (c) => [reduceExtremum(c)],
+  // y = min(x, axes): likewise for the minimal elements.
+  ReduceMin: (c) => [reduceExtremum(c)],
+
   // y = sum(x, axes): x̄ = expand(ȳ, shape(x))
   ReduceSum: (c) => {
     const x = c.x(0);
@@ -420,6 +428,17 @@ export const VJP_RULES: Readonly<Record<string, VjpRule>> = {
     return [c.g.expand(keepReducedAxes(c, axes), shapeOf(c, x)), undefined];
   },
 };
+
+/** ReduceMax / ReduceMin backward: x̄ = ȳ·[x = y] / #{x = y} over each reduced group. */
+function reduceExtremum(c: RuleContext): Value {
+  const { g } = c;
+  const x = c.x(0);
+  const axes = c.attrInts('axes');
+  const keep = (v: Value) => (c.attrInt('keepdims', 1) === 1 || axes === undefined ? v : g.unsqueeze(v, axes.map((a) => normAxis(c, a, x))));
+  const hit = g.cast(g.equal(x, keep(c.y())), 'float32'); // 1 at the extremal elements
+  const ties = g.reduceSum(hit, { dims: axes === undefined ? Array.from({ length: c.rank(x) }, (_, i) => i) : axes.map((a) => normAxis(c, a, x)), keepdim: true });
+  return g.mul(g.expand(keepReducedAxes(c, axes), shapeOf(c, x)), g.div(hit, ties));
+}
 
 /** ȳ with the reduced axes restored as size-1 axes (nothing to do with keepdims = 1 or all axes). */
 function keepReducedAxes(c: RuleContext, axes: readonly number[] | undefined): Value {

@@ -534,10 +534,11 @@ function inferFacts(graph: Graph, broadcastsInto: ReadonlyArray<readonly [string
       const target = get(1).ints;
       const shape = target === undefined ? undefined : broadcast([xs, target]);
       out = [{ ...(x.dtype === undefined ? {} : { dtype: x.dtype }), ...(shape === undefined ? {} : { shape }) }];
-    } else if (op === 'ReduceMean' || op === 'ReduceSum') {
+    } else if (op === 'ReduceMean' || op === 'ReduceSum' || op === 'ReduceMax' || op === 'ReduceMin') {
+      // Opset 17: ReduceSum takes its axes as an input, the others as an attribute.
       const keep = int('keepdims', 1) === 1;
-      const axesKnown = op === 'ReduceMean' ? ints('axes') : node.inputs[1] ? get(1).ints : undefined;
-      const allAxes = op === 'ReduceMean' ? ints('axes') === undefined : !node.inputs[1];
+      const axesKnown = op !== 'ReduceSum' ? ints('axes') : node.inputs[1] ? get(1).ints : undefined;
+      const allAxes = op !== 'ReduceSum' ? ints('axes') === undefined : !node.inputs[1];
       let shape: Dim[] | undefined;
       if (xs !== undefined) {
         if (allAxes) shape = keep ? xs.map(() => 1) : [];
