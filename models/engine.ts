@@ -29,7 +29,8 @@ import { loadLora, loraTargetsFromParams, type LoadedLora, type LdmModuleMap } f
 import { moduleLayers, unetModuleMap } from './keys/ldm.ts';
 import type { ParamPatch } from './weights.ts';
 import * as fs from 'node:fs';
-import { buildUnetMapsGraph, buildUnetVjpGraph, UNET_VJP_DEFAULT_LEVEL } from './networks/unet-vjp.ts';
+import { buildUnetMapsGraph, buildUnetNtXentVjpGraph, buildUnetVjpGraph, NTXENT_LOSS_OUTPUT, UNET_VJP_DEFAULT_LEVEL } from './networks/unet-vjp.ts';
+import { NTXENT_INPUTS } from './networks/ntxent-graph.ts';
 import { cotangentInput, gradientOutput } from './onnx/vjp.ts';
 
 export type GraphKind = 'text_encoder' | 'unet' | 'vae_decoder' | 'vae_encoder';
@@ -185,6 +186,12 @@ export interface UnetVjpVariant {
   readonly regions?: boolean;
   readonly selfAttentionIsolation?: boolean;
   readonly regionOutputAdapters?: boolean;
+  /**
+   * CLoRA's one-pass update (`buildUnetNtXentVjpGraph`): the loss is the NT-Xent of the xattn maps,
+   * computed in the graph from these `ntxent.*` feeds (`ntXentFeeds`); the cotangents argument is
+   * then ignored. No regions, no debug gradients.
+   */
+  readonly ntxent?: { readonly temperature: number; readonly feeds: Readonly<Record<string, Tensor>> };
 }
 
 export interface UnetVjpOutput {
@@ -197,6 +204,8 @@ export interface UnetVjpOutput {
   readonly gradSample: Tensor<'float32'>;
   /** `debug.grad.<stage>` when asked for. */
   readonly debugGradients: Readonly<Record<string, Tensor<'float32'>>>;
+  /** With `variant.ntxent`: the loss per image (selfattn is then empty, shape [0]). */
+  readonly ntxentLoss?: Tensor<'float32'>;
 }
 
 const COMPONENT_OF: Readonly<Record<GraphKind, Component>> = { text_encoder: 'text_encoder', unet: 'unet', vae_decoder: 'vae', vae_encoder: 'vae' };
@@ -546,7 +555,10 @@ export class Sd15Engine {
       expected.xattn_region = [batch, regions, queries, regionSeq];
       given.xattn_region = cotangents.xattnRegion;
     }
-    for (const [map, shape] of Object.entries(expected)) {
+    if (variant.ntxent !== undefined && (variant.regions === true || variant.debugGradients === true)) {
+      throw new ModelError('SHAPE_MISMATCH', 'the NT-Xent VJP variant has no regions or debug gradients.', { input: 'ntxent' });
+    }
+    for (const [map, shape] of variant.ntxent !== undefined ? [] : Object.entries(expected)) {
       const got = given[map]?.shape;
       if (got === undefined || got.join(',') !== shape.join(',')) {
         throw new ModelError('SHAPE_MISMATCH', `the cotangent of ${map} must be [${shape.join(', ')}] (batch, ${map === 'xattn_region' ? 'regions, ' : ''}queries of level ${level}, keys), got ${got === undefined ? 'none' : `[${got.join(', ')}]`}.`, {
@@ -567,11 +579,13 @@ export class Sd15Engine {
       debugGradients: variant.debugGradients === true,
       ...(variant.regions === true ? { regions: true, selfAttentionIsolation: variant.selfAttentionIsolation === true, regionOutputAdapters: variant.regionOutputAdapters === true } : {}),
     };
-    const key = `unet_vjp|${JSON.stringify(options)}|${patch?.key ?? ''}`;
+    const ntxent = variant.ntxent;
+    const key = `unet_vjp|${JSON.stringify(options)}|${patch?.key ?? ''}${ntxent === undefined ? '' : `|ntxent ${ntxent.temperature}`}`;
     let pending = this.#sessions.get(key);
     if (pending === undefined) {
       pending = (async () => {
-        const graph = forDevice(buildUnetVjpGraph(c, options), (await this.plan()).device);
+        const built = ntxent === undefined ? buildUnetVjpGraph(c, options) : buildUnetNtXentVjpGraph(c, { ...options, temperature: ntxent.temperature });
+        const graph = forDevice(built, (await this.plan()).device);
         // Bound against the plain UNet's parameters, so the VJP graph shares its weights file.
         const bound = bindWeights(this.buildGraph('unet').params, this.model.weights('unet'));
         const prepared = prepareModelFiles(graph, bound, { cacheDir: this.cacheDir, component: 'unet', ...(patch === undefined ? {} : { patch }) });
@@ -582,14 +596,25 @@ export class Sd15Engine {
     }
     const session = await pending;
 
-    const feeds: Record<string, Tensor> = {
-      sample: f32(sample),
-      timestep: { dtype: 'float32', shape: [t.data.length], data: t.data },
-      encoder_hidden_states: f32(ctx),
-      [cotangentInput('xattn')]: f32(cotangents.xattn),
-      [cotangentInput('selfattn')]: f32(cotangents.selfattn),
-      ...(cotangents.xattnRegion === undefined || input.regions === undefined ? {} : { [cotangentInput('xattn_region')]: f32(cotangents.xattnRegion) }),
-    };
+    const lossImages = ntxent === undefined ? 0 : (ntxent.feeds[NTXENT_INPUTS.pickUncond]?.shape[0] ?? 0);
+    const feeds: Record<string, Tensor> =
+      ntxent === undefined
+        ? {
+            sample: f32(sample),
+            timestep: { dtype: 'float32', shape: [t.data.length], data: t.data },
+            encoder_hidden_states: f32(ctx),
+            [cotangentInput('xattn')]: f32(cotangents.xattn),
+            [cotangentInput('selfattn')]: f32(cotangents.selfattn),
+            ...(cotangents.xattnRegion === undefined || input.regions === undefined ? {} : { [cotangentInput('xattn_region')]: f32(cotangents.xattnRegion) }),
+          }
+        : {
+            sample: f32(sample),
+            timestep: { dtype: 'float32', shape: [t.data.length], data: t.data },
+            encoder_hidden_states: f32(ctx),
+            ...ntxent.feeds,
+            [cotangentInput('xattn')]: { dtype: 'float32', shape: expected.xattn!, data: new Float32Array(expected.xattn!.reduce((a, d) => a * d, 1)) },
+            [cotangentInput(NTXENT_LOSS_OUTPUT)]: { dtype: 'float32', shape: [lossImages], data: new Float32Array(lossImages).fill(1) },
+          };
     if (adapters !== undefined && adapters.mode === 'bank') {
       const K = adapters.stack.size;
       if (adapters.mix.length !== batch || adapters.mix.some((row) => row.length !== K)) {
@@ -613,10 +638,11 @@ export class Sd15Engine {
     for (const [name, value] of Object.entries(out)) if (name.startsWith('debug.grad.')) debugGradients[name] = f32(value);
     return {
       xattn: f32(out.xattn!),
-      selfattn: f32(out.selfattn!),
+      selfattn: out.selfattn === undefined ? { dtype: 'float32', shape: [0], data: new Float32Array() } : f32(out.selfattn),
       ...(out.xattn_region === undefined ? {} : { xattnRegion: f32(out.xattn_region) }),
       gradSample: f32(out[gradientOutput('sample')]!),
       debugGradients,
+      ...(out[NTXENT_LOSS_OUTPUT] === undefined ? {} : { ntxentLoss: f32(out[NTXENT_LOSS_OUTPUT]) }),
     };
   }
 

@@ -13,6 +13,7 @@
  *     6. report progress (and honour cancellation)
  */
 import type { AdapterStack, AdapterUse, RegionInputs, Tensor } from '../models/index.ts';
+import { ntXentFeeds } from '../models/networks/ntxent-graph.ts';
 import { PipelineError } from './errors.ts';
 import type { DenoiseMaps, DenoiseRequest, DenoiserModel } from './models.ts';
 import type { Scheduler } from './schedulers/types.ts';
@@ -182,11 +183,11 @@ async function runCalls(denoiser: DenoiserModel, calls: readonly PlannedCall[], 
 }
 
 /** The denoiser's gradient methods, or a typed error when it has none (a fake or wrapped denoiser). */
-function gradientDenoiser(denoiser: DenoiserModel): Required<DenoiserModel> {
+function gradientDenoiser(denoiser: DenoiserModel): Required<Pick<DenoiserModel, 'maps' | 'vjp'>> & DenoiserModel {
   if (denoiser.maps === undefined || denoiser.vjp === undefined) {
     throw new PipelineError('BAD_ARGUMENT', 'this strategy updates the latents with attention-map gradients; the denoiser offers no maps/VJP pass.', {});
   }
-  return denoiser as Required<DenoiserModel>;
+  return denoiser as Required<Pick<DenoiserModel, 'maps' | 'vjp'>> & DenoiserModel;
 }
 
 /**
@@ -244,6 +245,28 @@ export function latentTools(run: Pick<DenoiseRun<unknown>, 'scheduler' | 'denois
       }
       if (scale !== 1) for (let j = 0; j < grad.length; j++) grad[j] = grad[j]! * scale;
       return { grad, maps: out };
+    },
+    async ntXentVjp(branches, latents, entries, temperature) {
+      if (denoiser.ntXentVjp === undefined) return undefined;
+      const calls = plan(branches, latents);
+      // The loss couples every branch of an image: one call must hold them all.
+      if (calls.length !== 1) return undefined;
+      const { members, request } = calls[0]!;
+      const images = request.sample.shape[0]! / members.length;
+      const seq = request.context.shape[1]!;
+      const position = new Map(members.map((i, k) => [i, k]));
+      const feeds = ntXentFeeds(entries, images, seq, (slot, half) => position.get(2 * slot + half)!);
+      const result = await denoiser.ntXentVjp(request, { temperature, feeds });
+      const scale = scheduler.scaleModelInput(Float32Array.of(1), evaluation)[0]!;
+      const grad = new Float32Array(latents.length);
+      members.forEach((_, k) => {
+        const g = part(result.gradSample, k, members.length);
+        for (let j = 0; j < grad.length; j++) grad[j] = grad[j]! + g[j]!;
+      });
+      if (scale !== 1) for (let j = 0; j < grad.length; j++) grad[j] = grad[j]! * scale;
+      const xattn = new Array<Float32Array>(branches.length);
+      members.forEach((i, k) => (xattn[i] = part(result.xattn, k, members.length)));
+      return { grad, xattn, loss: result.loss };
     },
   };
 }

@@ -78,6 +78,11 @@ export interface DenoiserModel {
   maps?(request: DenoiseRequest): Promise<DenoiseMaps>;
   /** ∂L/∂sample for L = Σ ⟨cotangents, maps⟩, with the maps (gradient-guided strategies). */
   vjp?(request: DenoiseRequest, cotangents: DenoiseCotangents): Promise<{ maps: DenoiseMaps; gradSample: Tensor<'float32'> }>;
+  /**
+   * CLoRA's update in one pass: L = Σ_images NT-Xent of the xattn maps (computed in the graph from
+   * `loss.feeds`, see `ntXentFeeds`), its per-image values, ∂L/∂sample and the xattn maps.
+   */
+  ntXentVjp?(request: DenoiseRequest, loss: { readonly temperature: number; readonly feeds: Readonly<Record<string, Tensor>> }): Promise<{ xattn: Tensor<'float32'>; loss: Float32Array; gradSample: Tensor<'float32'> }>;
 }
 
 export interface LatentDecoderModel {
@@ -221,6 +226,11 @@ export function engineModels(engine: Sd15Engine, options: { loraDirs?: readonly 
       async vjp(request, cotangents) {
         const out = await engine.runUnetVjp(unetInput(request), cotangents, request.adapters, { level: MAPS_LEVEL, ...(request.regions === undefined ? {} : regionVariant(request)) });
         return { maps: { xattn: out.xattn, selfattn: out.selfattn, ...(out.xattnRegion === undefined ? {} : { xattnRegion: out.xattnRegion }) }, gradSample: out.gradSample };
+      },
+      async ntXentVjp(request, loss) {
+        const empty: Tensor<'float32'> = { dtype: 'float32', shape: [0], data: new Float32Array() };
+        const out = await engine.runUnetVjp(unetInput(request), { xattn: empty, selfattn: empty }, request.adapters, { level: MAPS_LEVEL, ntxent: loss });
+        return { xattn: out.xattn, loss: out.ntxentLoss!.data, gradSample: out.gradSample };
       },
     },
     decoder: {

@@ -183,6 +183,27 @@ describe('CLoRA reproduces the reference run (clora/seed53_256x256)', () => {
     t.diagnostic(`max |diff|: losses ${dl.toExponential(2)}, final latents ${df.toExponential(2)} (atol ${tol.end_to_end.final_latents_atol}; fp32 vs fp64 ${c.fp32_vs_fp64.free_running.final_latents.max_abs.toExponential(2)})`);
   });
 
+  test('the refinement rounds run as one pass (loss and VJP in the graph) with the results of the two-pass update', async (t) => {
+    let onePass = 0;
+    let mapsOnly = 0;
+    const counted = { ...models, denoiser: { ...models.denoiser, ntXentVjp: (r: never, l: never) => (onePass++, models.denoiser.ntXentVjp!(r, l)), maps: (r: never) => (mapsOnly++, models.denoiser.maps!(r)) } };
+    const twoPass = { ...models, denoiser: { ...models.denoiser, ntXentVjp: undefined } };
+    const init = ref.readFloat32(c.inputs.latents_init.key);
+    const events: CloraEvent[] = [];
+    const one = await generate(job, counted, { initLatents: init, onStrategyEvent: (e) => events.push(e as (typeof events)[number]) });
+    const two = await generate(job, twoPass, { initLatents: init });
+    // Every update of a step but its last (which needs the full pass for ε) is a refinement round.
+    const perStep = new Map<number, number>();
+    for (const e of events) if (e.kind === 'update') perStep.set(e.evaluation, (perStep.get(e.evaluation) ?? 0) + 1);
+    const rounds = [...perStep.values()].reduce((n, u) => n + u - 1, 0);
+    assert.ok(rounds > 0, 'the reference run has refinement rounds');
+    assert.equal(onePass, rounds, 'one pass per refinement round');
+    assert.equal(mapsOnly, 0, 'no maps-only pass');
+    // float32 loss in the graph vs float64 in TypeScript: the same update up to rounding.
+    const d = assertClose(one.images[0]!.finalLatents.data, two.images[0]!.finalLatents.data, 1e-3, 'one-pass vs two-pass final latents');
+    t.diagnostic(`${rounds} one-pass rounds; final latents max |Δ| vs the two-pass update ${d.toExponential(2)}`);
+  });
+
   test('the default knobs are the notebook\'s, thresholds scaled as the fixture scales them', () => {
     assert.deepEqual(cloraDefaults(100), { stepSize: 20, updateUntil: 50, refineSteps: [0, 10, 20], refineRounds: 20, maskThreshold: 0.4, maskAfter: 0, temperature: 0.5, morphology: [], latentUpdate: true });
     const scaled = cloraDefaults(c.knobs.num_inference_steps);

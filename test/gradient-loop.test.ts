@@ -46,7 +46,7 @@ interface Calls {
  * A denoiser whose maps are seeded random (or `mapValue(timestep)`), ε = 0, and whose gradient for
  * batch element b is filled with Σ(its xattn cotangent) + Σ(its region cotangent) + b.
  */
-function fakeDenoiser(calls: Calls, mapValue?: (timestep: number) => number): Required<DenoiserModel> {
+function fakeDenoiser(calls: Calls, mapValue?: (timestep: number) => number): Required<Pick<DenoiserModel, 'predict' | 'maps' | 'vjp'>> {
   let seed = 99;
   const rnd = () => ((seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) + 0.5) / 4294967296;
   const mapsOf = (r: DenoiseRequest): DenoiseMaps => {

@@ -67,14 +67,18 @@ export interface NtXentEntry {
   readonly label: number;
 }
 
-/** The inputs of `ntXentLossGraph` for entries over `images` images of maps with `seq` tokens. */
-export function ntXentFeeds(entries: readonly NtXentEntry[], images: number, seq: number): Record<string, Tensor> {
+/**
+ * The inputs of `ntXentLossGraph` for entries over `images` images of maps with `seq` tokens.
+ * `memberOf(slot, half)` is the position of slot's uncond (0) / cond (1) branch in the call's batch
+ * (default 2·slot + half, CLoRA's branch order).
+ */
+export function ntXentFeeds(entries: readonly NtXentEntry[], images: number, seq: number, memberOf: (slot: number, half: 0 | 1) => number = (slot, half) => 2 * slot + half): Record<string, Tensor> {
   const count = entries.length;
   const pick = (half: 0 | 1) =>
     BigInt64Array.from({ length: images * count }, (_, k) => {
       const b = Math.floor(k / count);
       const { slot, token } = entries[k % count]!;
-      return BigInt(((2 * slot + half) * images + b) * seq + token);
+      return BigInt((memberOf(slot, half) * images + b) * seq + token);
     });
   const positive = new Float32Array(count * count);
   const negative = new Float32Array(count * count);

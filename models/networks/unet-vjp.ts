@@ -16,7 +16,10 @@
  * backward alike.
  */
 import type { Graph } from '../onnx/builder.ts';
+import { appendGraph } from '../onnx/compose.ts';
+import { Ops } from '../onnx/ops.ts';
 import { buildVjpGraph, pruneGraph } from '../onnx/vjp.ts';
+import { ntXentLossGraph } from './ntxent-graph.ts';
 import { buildUnetGraph } from './unet.ts';
 import type { UnetConfig } from './config.ts';
 
@@ -66,6 +69,29 @@ export function unetMapsOf(options: Pick<UnetVjpOptions, 'maps' | 'regions'>): r
 /** The truncated forward: only what the maps of `level` need (for the loss evaluation before a VJP call). */
 export function buildUnetMapsGraph(config: UnetConfig, options: UnetVjpOptions): Graph {
   return pruneGraph(forwardGraph(config, { ...options, debugGradients: false }), unetMapsOf(options));
+}
+
+/** The output of the NT-Xent variant: the per-image loss (see `buildUnetNtXentVjpGraph`). */
+export const NTXENT_LOSS_OUTPUT = 'ntxent_loss';
+
+/**
+ * CLoRA's whole latent-update pass as one graph: the truncated forward to the `xattn` maps, the
+ * NT-Xent loss on them (`ntxent-graph.ts`, its inputs `ntxent.*`), and ∂loss/∂sample. Inputs as the
+ * VJP graph's plus `ntxent.*`, `cot.ntxent_loss` (ones: the images' losses add up) and `cot.xattn`
+ * (zeros; xattn is output for the caller's masks and reports). Outputs `xattn`, `ntxent_loss`
+ * [images], `grad_sample`. One pass replaces the maps-only pass, the loss in TypeScript and the VJP
+ * pass of the two-pass update.
+ */
+export function buildUnetNtXentVjpGraph(config: UnetConfig, options: UnetVjpOptions & { readonly temperature: number }): Graph {
+  const forward = pruneGraph(forwardGraph(config, { ...options, debugGradients: false, maps: ['xattn'] }), ['xattn']);
+  const g = new Ops('ntxent');
+  const xattn = g.input('xattn', 'float32', ['batch', 'queries', 'tokens']);
+  g.output(ntXentLossGraph(g, xattn, { temperature: options.temperature }), NTXENT_LOSS_OUTPUT, 'float32', ['images']);
+  return buildVjpGraph(appendGraph(forward, g.finish(), 'loss.'), {
+    outputs: ['xattn', NTXENT_LOSS_OUTPUT],
+    wrt: 'sample',
+    broadcastsInto: [['timestep_batch', 'batch']],
+  });
 }
 
 /** The VJP graph of the maps with respect to `sample` (see the file header). */

@@ -35,8 +35,10 @@
  *   element and update, methods.md section 7) where autograd keeps the activations.
  * - The P slots run as ONE batched UNet call (2P elements, each with its own LoRA through the adapter
  *   bank) instead of P calls with `set_adapters`. Same numbers.
- * - Rounds whose noise predictions are discarded (all but the last of a step) run the maps-only
- *   (truncated) UNet; the last round runs the full pass and its ε are used, as officially.
+ * - Rounds whose noise predictions are discarded (all but the last of a step) run as ONE pass: the
+ *   truncated UNet, the NT-Xent loss and its VJP in one graph (`buildUnetNtXentVjpGraph`, float32),
+ *   where the slots fit one UNet call; else the maps-only (truncated) UNet, the loss in TypeScript
+ *   (float64) and the VJP pass. The last round runs the full pass and its ε are used, as officially.
  * - Step thresholds default to the notebook's scaled to the run's step count, ⌊x·T/100 + ½⌋ (exactly
  *   the notebook at T = 100); explicit knobs are step indices.
  * - Token positions come from the tokenizer (concept words → CLIP positions), not hand-written lists;
@@ -48,6 +50,7 @@
  * - Batch size > 1: each image has its own loss and masks (official: batch 1). fp32 maps (official fp16).
  */
 import type { AdapterStack } from '../../models/index.ts';
+import type { NtXentEntry } from '../../models/networks/ntxent-graph.ts';
 import { conditioningAt, encodePrompts, type ConditioningOptions, type ScheduledConditioning } from '../conditioning.ts';
 import { PipelineError } from '../errors.ts';
 import type { TextEncoderModel } from '../models.ts';
@@ -217,6 +220,8 @@ export const cloraStrategy = {
     if (plan.slots.length < 2) throw new PipelineError('BAD_ARGUMENT', `CLoRA needs at least one concept besides the base prompt (slots: ${plan.slots.length}).`, { field: 'strategy.concepts' });
     const branchesAt = (step: number): Branch[] => cloraBranches(plan, step);
     const seqsOf = (branches: readonly Branch[]) => plan.slots.map((_, p) => branches[2 * p]!.context.shape[1]!);
+    // The contrastive embeddings in cloraLoss's order: (group, slot, token).
+    const entries: NtXentEntry[] = plan.groups.flatMap((group, label) => group.flatMap((tokens, slot) => tokens.map((token) => ({ slot, token, label }))));
     const f32 = Math.fround;
     return {
       name: 'clora',
@@ -230,6 +235,22 @@ export const cloraStrategy = {
         let latents = ctx.latents;
         let outputs: BranchOutput[] | undefined;
         for (let round = 0; round < rounds; round++) {
+          // Rounds before the last: the loss and its gradient in one pass where the branches fit one
+          // UNet call (forward to the maps → NT-Xent → VJP, all in the graph).
+          if (round < rounds - 1 && tools.ntXentVjp !== undefined) {
+            const one = await tools.ntXentVjp(branches, latents, entries, knobs.temperature);
+            if (one !== undefined) {
+              const before = latents;
+              const finite = [...one.loss].every(Number.isFinite);
+              if (finite) latents = Float32Array.from(latents, (z, k) => f32(z - f32(knobs.stepSize * one.grad[k]!)));
+              if (onEvent !== undefined) {
+                const perSlot = slotMaps(one.xattn.map((xattn) => ({ xattn, selfattn: new Float32Array() })));
+                const report = cloraLoss(plan, perSlot, ctx.batch, seqs, knobs.temperature);
+                onEvent({ kind: 'update', evaluation: ctx.evaluation, round, loss: [...one.loss], latentsBefore: before, latentsAfter: latents, grad: finite ? one.grad : new Float32Array(latents.length), maps: perSlot, embeddings: report.embeddings });
+              }
+              continue;
+            }
+          }
           // The last round's forward is the step's: a full pass (its ε are used); earlier rounds need the maps only.
           let maps: BranchMaps[];
           if (round === rounds - 1) {

@@ -12,6 +12,7 @@
  * State lives in the object `begin` returns, never in module globals or on the loop.
  */
 import type { Tensor } from '../../models/index.ts';
+import type { NtXentEntry } from '../../models/networks/ntxent-graph.ts';
 
 /** Region slots of a branch (one image; the loop repeats them for every image of the batch). */
 export interface BranchRegions {
@@ -107,6 +108,13 @@ export interface LatentTools {
    * latents, so their gradients add up), with the maps the VJP pass computed on the way.
    */
   vjp(branches: readonly Branch[], latents: Float32Array, cotangents: readonly MapCotangents[]): Promise<{ grad: Float32Array; maps: BranchMaps[] }>;
+  /**
+   * CLoRA's one-pass update: ∂L/∂latents for L = Σ_images NT-Xent over `entries` (slot p's maps are
+   * the mean of branches 2p and 2p + 1), the per-image losses and each branch's xattn. Undefined
+   * when it cannot run as one pass (the branches need several UNet calls, or the denoiser has no
+   * such pass): use `maps` + `vjp` then.
+   */
+  ntXentVjp?(branches: readonly Branch[], latents: Float32Array, entries: readonly NtXentEntry[], temperature: number): Promise<{ grad: Float32Array; xattn: Float32Array[]; loss: Float32Array } | undefined>;
 }
 
 /** A latent update: the new latents, and optionally the step's branch outputs (then not run again). */
