@@ -13,7 +13,7 @@
  *     6. report progress (and honour cancellation)
  */
 import type { AdapterStack, AdapterUse, RegionInputs, Tensor } from '../models/index.ts';
-import { ntXentFeeds } from '../models/networks/ntxent-graph.ts';
+import { ntXentFeeds } from '../models/index.ts';
 import { PipelineError } from './errors.ts';
 import type { DenoiseMaps, DenoiseRequest, DenoiserModel } from './models.ts';
 import type { Scheduler } from './schedulers/types.ts';

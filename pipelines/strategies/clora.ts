@@ -50,7 +50,7 @@
  * - Batch size > 1: each image has its own loss and masks (official: batch 1). fp32 maps (official fp16).
  */
 import type { AdapterStack } from '../../models/index.ts';
-import type { NtXentEntry } from '../../models/networks/ntxent-graph.ts';
+import type { NtXentEntry } from '../../models/index.ts';
 import { conditioningAt, encodePrompts, type ConditioningOptions, type ScheduledConditioning } from '../conditioning.ts';
 import { PipelineError } from '../errors.ts';
 import type { TextEncoderModel } from '../models.ts';

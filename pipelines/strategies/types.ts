@@ -12,7 +12,7 @@
  * State lives in the object `begin` returns, never in module globals or on the loop.
  */
 import type { Tensor } from '../../models/index.ts';
-import type { NtXentEntry } from '../../models/networks/ntxent-graph.ts';
+import type { NtXentEntry } from '../../models/index.ts';
 
 /** Region slots of a branch (one image; the loop repeats them for every image of the batch). */
 export interface BranchRegions {
