@@ -204,12 +204,6 @@ export function convLowRank(g: Ops, module: string, x: Value, inChannels: number
   return { hidden: g.mul(h, scale), up };
 }
 
-/** Δy for a conv bank layer on x (B, in, H, W) → (B, out, H', W'), or undefined when not a bank layer. */
-export function convDelta(g: Ops, module: string, x: Value, inChannels: number, outChannels: number, kernel: number, stride: number, padding: Padding2d): Value | undefined {
-  const low = convLowRank(g, module, x, inChannels, outChannels, kernel, stride, padding);
-  return low === undefined ? undefined : g.conv2d(low.hidden, low.up, undefined, {}); // (B, out, H', W')
-}
-
 /** The bank layers of a built graph, read back from its `lora.<module>.down/up` inputs. */
 export function bankLayersOf(graph: { readonly inputs: ReadonlyArray<{ readonly name: string; readonly shape: ReadonlyArray<number | string> | undefined }> }): BankLayer[] {
   const ups = new Map(graph.inputs.filter((i) => i.name.startsWith('lora.') && i.name.endsWith('.up')).map((i) => [i.name.slice(5, -3), i.shape ?? []]));
