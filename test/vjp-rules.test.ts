@@ -221,6 +221,9 @@ const CASES: RuleCase[] = [
   { name: 'Conv 3×3, stride 2, pad 1, odd size', inputs: { x: { shape: [1, 3, 7, 9] } }, build: (g, { x }) => g.conv2d(x!, c([4, 3, 3, 3], 24)(g), undefined, { stride: 2, padding: 1 }) },
   { name: 'Conv 3×3, stride 2, pads (0,0,1,1)', inputs: { x: { shape: [1, 2, 8, 7] } }, build: (g, { x }) => g.conv2d(x!, c([3, 2, 3, 3], 25)(g), undefined, { stride: 2, padding: [0, 0, 1, 1] }) },
   { name: 'Conv stride 2, symbolic sizes (odd at run time)', inputs: { x: { shape: [1, 3, 7, 8], dims: ['b', 3, 'h', 'w'] } }, build: (g, { x }) => g.conv2d(x!, c([4, 3, 3, 3], 26)(g), undefined, { stride: 2, padding: 1 }) },
+  // Stride 1 runs as a Conv over the flipped kernel (pads d·(k − 1) − p); over-padding keeps ConvTranspose.
+  { name: 'Conv 3×3, stride 1, dilation 2, pads (2,1,0,2)', inputs: { x: { shape: [1, 3, 9, 8] } }, build: (g, { x }) => g.node('Conv', [x!, c([4, 3, 3, 3], 29)(g)], { dilations: attr.ints([2, 2]), pads: attr.ints([2, 1, 0, 2]) })[0]! },
+  { name: 'Conv 3×2, stride 1, pad 3 (over-padded)', inputs: { x: { shape: [1, 2, 5, 6] } }, build: (g, { x }) => g.node('Conv', [x!, c([3, 2, 3, 2], 30)(g)], { pads: attr.ints([3, 1, 3, 0]) })[0]! },
   { name: 'Conv 1×1', inputs: { x: { shape: [2, 3, 4, 4] } }, build: (g, { x }) => g.conv2d(x!, c([5, 3, 1, 1], 27)(g), c([5], 28)(g)) },
   {
     name: 'Conv 3×3, dilation 2, pad 2',

@@ -15,6 +15,7 @@
 import type { DType } from '../tensor.ts';
 import type { Dim, NodeDecl, Value } from './builder.ts';
 import type { Ops } from './ops.ts';
+import { attr } from './builder.ts';
 
 /** What a rule may ask about the forward node and its values. */
 export interface RuleContext {
@@ -299,6 +300,23 @@ export const VJP_RULES: Readonly<Record<string, VjpRule>> = {
     const dilations = c.attrInts('dilations') ?? Array(spatial).fill(1);
     const pads = c.attrInts('pads') ?? Array(spatial * 2).fill(0);
     const xs = c.shape(x)?.slice(2);
+    // Stride 1: x̄ = conv(ȳ, W̃) with W̃[i, o] = W[o, i] flipped in space and pads d·(k − 1) − p, the
+    // same numbers as conv_transpose but as a Conv, which ONNX Runtime's CPU provider runs in its
+    // blocked NCHWc layout: 1.5–1.7× faster than its ConvTranspose at SD 1.5 sizes. W̃ of a constant
+    // W is folded once when the session is created. Only when W's output channels are static: ONNX
+    // Runtime 1.30's CPU Conv never returns on an input with 0 channels (an adapter bank's down conv
+    // fed rank 0), where its ConvTranspose gives the zeros.
+    const outChannels = c.shape(w)?.[0];
+    if (strides.every((s) => s === 1) && kernel !== undefined && isStatic(kernel) && typeof outChannels === 'number' && outChannels > 0) {
+      const flipPads = pads.map((p, i) => dilations[i % spatial]! * (kernel[i % spatial]! - 1) - p);
+      if (flipPads.every((p) => p >= 0)) {
+        const swapped = g.transpose(w, [1, 0, ...range(spatial, 2)]);
+        const flipped = kernel.every((k) => k === 1)
+          ? swapped
+          : g.node('Slice', [swapped, g.int64s(Array(spatial).fill(-1)), g.int64s(kernel.map((k) => -k - 1)), g.int64s(range(spatial, 2)), g.int64s(Array(spatial).fill(-1))])[0]!;
+        return [g.node('Conv', [c.dy(), flipped], { dilations: attr.ints(dilations), pads: attr.ints(flipPads), strides: attr.ints(strides) })[0]!];
+      }
+    }
     let outputPadding: number[];
     let slice = false;
     if (strides.every((s) => s === 1)) outputPadding = Array(spatial).fill(0);
