@@ -191,7 +191,12 @@ export interface UnetVjpVariant {
    * computed in the graph from these `ntxent.*` feeds (`ntXentFeeds`); the cotangents argument is
    * then ignored. No regions, no debug gradients.
    */
-  readonly ntxent?: { readonly temperature: number; readonly feeds: Readonly<Record<string, Tensor>> };
+  readonly ntxent?: {
+    readonly temperature: number;
+    readonly feeds: Readonly<Record<string, Tensor>>;
+    /** Run the whole UNet and also return `noisePred` (one pass for ε and the gradient). */
+    readonly noisePred?: boolean;
+  };
 }
 
 export interface UnetVjpOutput {
@@ -206,6 +211,8 @@ export interface UnetVjpOutput {
   readonly debugGradients: Readonly<Record<string, Tensor<'float32'>>>;
   /** With `variant.ntxent`: the loss per image (selfattn is then empty, shape [0]). */
   readonly ntxentLoss?: Tensor<'float32'>;
+  /** With `variant.ntxent.noisePred`: the UNet's output at the same inputs. */
+  readonly noisePred?: Tensor<'float32'>;
 }
 
 const COMPONENT_OF: Readonly<Record<GraphKind, Component>> = { text_encoder: 'text_encoder', unet: 'unet', vae_decoder: 'vae', vae_encoder: 'vae' };
@@ -580,11 +587,11 @@ export class Sd15Engine {
       ...(variant.regions === true ? { regions: true, selfAttentionIsolation: variant.selfAttentionIsolation === true, regionOutputAdapters: variant.regionOutputAdapters === true } : {}),
     };
     const ntxent = variant.ntxent;
-    const key = `unet_vjp|${JSON.stringify(options)}|${patch?.key ?? ''}${ntxent === undefined ? '' : `|ntxent ${ntxent.temperature}`}`;
+    const key = `unet_vjp|${JSON.stringify(options)}|${patch?.key ?? ''}${ntxent === undefined ? '' : `|ntxent ${ntxent.temperature}${ntxent.noisePred === true ? ' noise_pred' : ''}`}`;
     let pending = this.#sessions.get(key);
     if (pending === undefined) {
       pending = (async () => {
-        const built = ntxent === undefined ? buildUnetVjpGraph(c, options) : buildUnetNtXentVjpGraph(c, { ...options, temperature: ntxent.temperature });
+        const built = ntxent === undefined ? buildUnetVjpGraph(c, options) : buildUnetNtXentVjpGraph(c, { ...options, temperature: ntxent.temperature, noisePred: ntxent.noisePred === true });
         const graph = forDevice(built, (await this.plan()).device);
         // Bound against the plain UNet's parameters, so the VJP graph shares its weights file.
         const bound = bindWeights(this.buildGraph('unet').params, this.model.weights('unet'));
@@ -643,6 +650,7 @@ export class Sd15Engine {
       gradSample: f32(out[gradientOutput('sample')]!),
       debugGradients,
       ...(out[NTXENT_LOSS_OUTPUT] === undefined ? {} : { ntxentLoss: f32(out[NTXENT_LOSS_OUTPUT]) }),
+      ...(out.noise_pred === undefined ? {} : { noisePred: f32(out.noise_pred) }),
     };
   }
 

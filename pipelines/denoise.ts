@@ -246,7 +246,7 @@ export function latentTools(run: Pick<DenoiseRun<unknown>, 'scheduler' | 'denois
       if (scale !== 1) for (let j = 0; j < grad.length; j++) grad[j] = grad[j]! * scale;
       return { grad, maps: out };
     },
-    async ntXentVjp(branches, latents, entries, temperature) {
+    async ntXentVjp(branches, latents, entries, temperature, options) {
       if (denoiser.ntXentVjp === undefined) return undefined;
       const calls = plan(branches, latents);
       // The loss couples every branch of an image: one call must hold them all.
@@ -256,7 +256,9 @@ export function latentTools(run: Pick<DenoiseRun<unknown>, 'scheduler' | 'denois
       const seq = request.context.shape[1]!;
       const position = new Map(members.map((i, k) => [i, k]));
       const feeds = ntXentFeeds(entries, images, seq, (slot, half) => position.get(2 * slot + half)!);
-      const result = await denoiser.ntXentVjp(request, { temperature, feeds });
+      const withOutputs = options?.outputs === true;
+      const result = await denoiser.ntXentVjp(request, { temperature, feeds, ...(withOutputs ? { noisePred: true } : {}) });
+      if (withOutputs && result.noisePred === undefined) return undefined;
       const scale = scheduler.scaleModelInput(Float32Array.of(1), evaluation)[0]!;
       const grad = new Float32Array(latents.length);
       members.forEach((_, k) => {
@@ -266,7 +268,10 @@ export function latentTools(run: Pick<DenoiseRun<unknown>, 'scheduler' | 'denois
       if (scale !== 1) for (let j = 0; j < grad.length; j++) grad[j] = grad[j]! * scale;
       const xattn = new Array<Float32Array>(branches.length);
       members.forEach((i, k) => (xattn[i] = part(result.xattn, k, members.length)));
-      return { grad, xattn, loss: result.loss };
+      if (!withOutputs) return { grad, xattn, loss: result.loss };
+      const outputs = new Array<BranchOutput>(branches.length);
+      members.forEach((i, k) => (outputs[i] = { eps: part(result.noisePred!, k, members.length), maps: { xattn: xattn[i]!, selfattn: new Float32Array() } }));
+      return { grad, xattn, loss: result.loss, outputs };
     },
   };
 }

@@ -82,7 +82,10 @@ export interface DenoiserModel {
    * CLoRA's update in one pass: L = Σ_images NT-Xent of the xattn maps (computed in the graph from
    * `loss.feeds`, see `ntXentFeeds`), its per-image values, ∂L/∂sample and the xattn maps.
    */
-  ntXentVjp?(request: DenoiseRequest, loss: { readonly temperature: number; readonly feeds: Readonly<Record<string, Tensor>> }): Promise<{ xattn: Tensor<'float32'>; loss: Float32Array; gradSample: Tensor<'float32'> }>;
+  ntXentVjp?(
+    request: DenoiseRequest,
+    loss: { readonly temperature: number; readonly feeds: Readonly<Record<string, Tensor>>; readonly noisePred?: boolean },
+  ): Promise<{ xattn: Tensor<'float32'>; loss: Float32Array; gradSample: Tensor<'float32'>; noisePred?: Tensor<'float32'> }>;
 }
 
 export interface LatentDecoderModel {
@@ -230,7 +233,7 @@ export function engineModels(engine: Sd15Engine, options: { loraDirs?: readonly 
       async ntXentVjp(request, loss) {
         const empty: Tensor<'float32'> = { dtype: 'float32', shape: [0], data: new Float32Array() };
         const out = await engine.runUnetVjp(unetInput(request), { xattn: empty, selfattn: empty }, request.adapters, { level: MAPS_LEVEL, ntxent: loss });
-        return { xattn: out.xattn, loss: out.ntxentLoss!.data, gradSample: out.gradSample };
+        return { xattn: out.xattn, loss: out.ntxentLoss!.data, gradSample: out.gradSample, ...(out.noisePred === undefined ? {} : { noisePred: out.noisePred }) };
       },
     },
     decoder: {

@@ -19,7 +19,7 @@ import { latentTools } from '../pipelines/denoise.ts';
 import { DEFAULT_COMMA_BACKTRACK } from '../pipelines/conditioning.ts';
 import { loadJobLoras } from '../pipelines/text-to-image.ts';
 import { createScheduler, parseSchedulerConfig, type Scheduler } from '../pipelines/schedulers/index.ts';
-import { cloraBranches, cloraDefaults, cloraLoss, cloraMasks, planClora, slotMaps, type CloraEvent, type CloraPlan } from '../pipelines/strategies/clora.ts';
+import { cloraBranches, cloraDefaults, cloraEntries, cloraLoss, cloraMasks, planClora, slotMaps, type CloraEvent, type CloraPlan } from '../pipelines/strategies/clora.ts';
 import { maskedMean } from '../pipelines/strategies/gradient-masks.ts';
 import { guide } from '../pipelines/strategies/setup.ts';
 import type { AdapterStack } from '../models/index.ts';
@@ -154,10 +154,21 @@ describe('CLoRA reproduces the reference run (clora/seed53_256x256)', () => {
     const out = read('step.latents_out').data;
     const scheduler = createScheduler('ddim', parseSchedulerConfig(models.schedulerConfig, 'scheduler'), job.steps);
     assert.deepEqual(scheduler.timesteps, timesteps);
-    const worst = { slots: 0, maps: 0, eps: 0, out: 0 };
+    const worst = { slots: 0, maps: 0, eps: 0, out: 0, onePass: 0, onePassMaps: 0 };
+    let onePassSteps = 0;
     for (let i = 0; i < job.steps; i++) {
-      const outputs = await toolsAt(i).run(cloraBranches(plan, i), fwd.slice(i * per, (i + 1) * per));
+      const z = fwd.slice(i * per, (i + 1) * per);
+      const outputs = await toolsAt(i).run(cloraBranches(plan, i), z);
       worst.slots = Math.max(worst.slots, assertClose(Float32Array.from(outputs.flatMap((o) => [...o.eps])), slots.subarray(i * 6 * per, (i + 1) * 6 * per), tol.per_step.noise_pred_slots_atol, `step ${i} slot predictions`));
+      if (i < c.knobs.max_iter_to_alter) {
+        // An update step's last round: ε and maps from the one pass (whole UNet + NT-Xent + VJP).
+        const one = await toolsAt(i).ntXentVjp!(cloraBranches(plan, i), z, cloraEntries(plan), c.knobs.temperature, { outputs: true });
+        assert.ok(one?.outputs !== undefined, `step ${i}: the one pass returned the branch outputs`);
+        worst.onePass = Math.max(worst.onePass, assertClose(Float32Array.from(one.outputs.flatMap((o) => [...o.eps])), slots.subarray(i * 6 * per, (i + 1) * 6 * per), tol.per_step.noise_pred_slots_atol, `step ${i} one-pass slot predictions`));
+        const onePassMaps = slotMaps(one.outputs.map((o) => o.maps!));
+        worst.onePassMaps = Math.max(worst.onePassMaps, assertClose(Float32Array.from(onePassMaps.flatMap((m) => [...m])), maps.subarray(i * 3 * 64 * 77, (i + 1) * 3 * 64 * 77), tol.per_step.attn_maps_atol, `step ${i} one-pass maps`));
+        onePassSteps++;
+      }
       const perSlot = slotMaps(outputs.map((o) => o.maps!));
       worst.maps = Math.max(worst.maps, assertClose(Float32Array.from(perSlot.flatMap((m) => [...m])), maps.subarray(i * 3 * 64 * 77, (i + 1) * 3 * 64 * 77), tol.per_step.attn_maps_atol, `step ${i} maps`));
       const { gridMasks: ours, masks } = cloraMasks(plan, perSlot, 1, seqs(), { maskThreshold: c.knobs.mask_threshold_alpha, morphology: [] });
@@ -167,23 +178,39 @@ describe('CLoRA reproduces the reference run (clora/seed53_256x256)', () => {
       const next = scheduler.step(eps, i, schedIn.slice(i * per, (i + 1) * per));
       worst.out = Math.max(worst.out, assertClose(next, out.subarray(i * per, (i + 1) * per), tol.per_step.latents_out_atol, `step ${i} DDIM output`));
     }
-    t.diagnostic(`max |diff|: slot predictions ${worst.slots.toExponential(2)}, maps ${worst.maps.toExponential(2)}, fused ε ${worst.eps.toExponential(2)}, latents out ${worst.out.toExponential(2)}`);
+    assert.ok(onePassSteps > 0, 'the reference run has update steps');
+    t.diagnostic(`max |diff|: slot predictions ${worst.slots.toExponential(2)} (one pass ${worst.onePass.toExponential(2)}), maps ${worst.maps.toExponential(2)} (one pass ${worst.onePassMaps.toExponential(2)}), fused ε ${worst.eps.toExponential(2)}, latents out ${worst.out.toExponential(2)}`);
   });
 
-  test('free-running through generate: the logged update schedule and losses, the final latents; refinement rounds in one pass', async (t) => {
+  test('free-running through generate: the logged update schedule and losses, the final latents; every update in one pass', async (t) => {
     const events: CloraEvent[] = [];
     let onePass = 0;
+    let withNoisePred = 0;
     let mapsOnly = 0;
-    const counted = { ...models, denoiser: { ...models.denoiser, ntXentVjp: (r: never, l: never) => (onePass++, models.denoiser.ntXentVjp!(r, l)), maps: (r: never) => (mapsOnly++, models.denoiser.maps!(r)) } };
+    let predicts = 0;
+    let vjps = 0;
+    const d = models.denoiser;
+    const counted = {
+      ...models,
+      denoiser: {
+        ...d,
+        predict: (r: never) => (predicts++, d.predict(r)),
+        vjp: (r: never, cot: never) => (vjps++, d.vjp!(r, cot)),
+        ntXentVjp: (r: never, l: { noisePred?: boolean }) => (onePass++, l.noisePred === true && withNoisePred++, d.ntXentVjp!(r, l as never)),
+        maps: (r: never) => (mapsOnly++, d.maps!(r)),
+      },
+    };
     const result = await generate(job, counted, { initLatents: ref.readFloat32(c.inputs.latents_init.key), onStrategyEvent: (e) => events.push(e as (typeof events)[number]) });
-    // Every update of a step but its last (which needs the full pass for ε) is a refinement round:
-    // each runs as one pass (maps, NT-Xent and VJP in one graph), with no maps-only pass.
+    // Every update is one pass (UNet, NT-Xent and VJP in one graph); the last of each update step runs
+    // the whole UNet and its ε are the step's, so update steps make no other UNet call.
     const perStep = new Map<number, number>();
     for (const e of events) if (e.kind === 'update') perStep.set(e.evaluation, (perStep.get(e.evaluation) ?? 0) + 1);
-    const rounds = [...perStep.values()].reduce((n, u) => n + u - 1, 0);
-    assert.ok(rounds > 0, 'the reference run has refinement rounds');
-    assert.equal(onePass, rounds, 'one pass per refinement round');
-    assert.equal(mapsOnly, 0, 'no maps-only pass');
+    const updateCount = [...perStep.values()].reduce((n, u) => n + u, 0);
+    assert.ok(updateCount > perStep.size, 'the reference run has refinement rounds');
+    assert.equal(onePass, updateCount, 'one pass per update');
+    assert.equal(withNoisePred, perStep.size, 'the last round of each update step also gives ε');
+    assert.equal(predicts, job.steps - perStep.size, 'full passes only at steps without updates');
+    assert.equal(mapsOnly + vjps, 0, 'no maps-only or separate VJP pass');
     const updates = events.filter((e): e is Extract<CloraEvent, { kind: 'update' }> => e.kind === 'update');
     const logged: Array<{ i: number; updates: number; losses: number[] }> = log.steps;
     assert.deepEqual(logged.map((s) => updates.filter((u) => u.evaluation === s.i).length), logged.map((s) => s.updates), 'updates per step');

@@ -14,7 +14,7 @@ import * as path from 'node:path';
 import { AdapterStack, Sd15Engine, openSafetensors, type AdapterUse, type LoadedLora, type Tensor } from '../models/index.ts';
 import { parseUnetConfig } from '../models/networks/config.ts';
 import { buildUnetGraph } from '../models/networks/unet.ts';
-import { buildUnetMapsGraph, buildUnetVjpGraph } from '../models/networks/unet-vjp.ts';
+import { buildUnetMapsGraph, buildUnetNtXentVjpGraph, buildUnetVjpGraph, NTXENT_LOSS_OUTPUT } from '../models/networks/unet-vjp.ts';
 import { dumpGraph } from '../models/onnx/dump.ts';
 import { serializeModel } from '../models/onnx/serialize.ts';
 import { vjpOpTypes } from '../models/onnx/vjp.ts';
@@ -186,6 +186,22 @@ describe('UNet VJP graph', () => {
     assert.deepEqual(forward.outputs.map((o) => o.name), ['xattn', 'selfattn']);
     assert.deepEqual(vjp.nodes.slice(0, forward.nodes.length), forward.nodes);
     assert.ok(vjp.nodes.slice(forward.nodes.length).every((n) => n.name.startsWith('grad') || n.name.startsWith('output/')), 'then only backward nodes');
+  });
+
+  test('CLoRA one-pass variant: truncated after the maps, or with noise_pred the whole UNet passed through', () => {
+    const truncated = buildUnetNtXentVjpGraph(tinyUnet(), { level: 2, temperature: 0.5 });
+    const full = buildUnetNtXentVjpGraph(tinyUnet(), { level: 2, temperature: 0.5, noisePred: true });
+    assert.deepEqual(truncated.outputs.map((o) => o.name), ['xattn', NTXENT_LOSS_OUTPUT, 'grad_sample']);
+    assert.deepEqual(full.outputs.map((o) => o.name), ['xattn', NTXENT_LOSS_OUTPUT, 'noise_pred', 'grad_sample']);
+    // noise_pred gets no cotangent: the loss does not depend on it.
+    assert.deepEqual(full.inputs.map((i) => i.name), truncated.inputs.map((i) => i.name));
+    const names = (g: Graph) => g.nodes.map((n) => n.name);
+    assert.ok(!names(truncated).some((n) => n.startsWith('conv_out')));
+    assert.ok(names(full).some((n) => n.startsWith('up_blocks.3.') || n.startsWith('conv_out')));
+    // The same backward: differentiated nodes are identical, the extra nodes are forward only.
+    const grads = (g: Graph) => names(g).filter((n) => n.startsWith('grad.'));
+    assert.deepEqual(grads(full), grads(truncated));
+    assert.ok(!grads(full).some((n) => n.startsWith('grad.up_blocks.2') || n.startsWith('grad.conv_out')));
   });
 
   test('with the adapter bank, reads the LoRA inputs of the layers before the cut only', () => {

@@ -49,6 +49,11 @@ export interface VjpOptions {
    * all its uses) to output. Zeros when L does not depend on the value.
    */
   readonly probes?: ReadonlyArray<readonly [string, string]>;
+  /**
+   * Forward outputs the loss does not depend on, kept as outputs of the VJP graph (no cotangent): one
+   * pass then computes them and the gradient, sharing the forward values they have in common.
+   */
+  readonly passThrough?: readonly string[];
 }
 
 /** The node types that have a VJP rule. */
@@ -82,6 +87,8 @@ export function buildVjpGraph(forward: Graph, options: VjpOptions): Graph {
   if (!isFloatDtype(wrtDecl.dtype)) throw new ModelError('GRAPH_BUILD', `VJP of ${forward.name}: input ${wrt} is ${wrtDecl.dtype}, not a float tensor`, { input: wrt });
   if (options.outputs.length === 0) throw new ModelError('GRAPH_BUILD', `VJP of ${forward.name}: no outputs chosen`);
   const { needed, producer } = analyse(forward, options.outputs);
+  const passThrough = (options.passThrough ?? []).filter((o) => !options.outputs.includes(o));
+  const kept = passThrough.length === 0 ? needed : analyse(forward, [...options.outputs, ...passThrough]).needed;
   const facts = inferFacts(forward, options.broadcastsInto ?? []);
 
   // Values that depend on wrt through differentiable ops.
@@ -162,9 +169,9 @@ export function buildVjpGraph(forward: Graph, options: VjpOptions): Graph {
     const decl = forward.outputs.find((d) => d.name === o)!;
     return { name: cotangentInput(o), dtype: decl.dtype, shape: decl.shape };
   });
-  const kept = options.outputs.map((o) => forward.outputs.find((d) => d.name === o)!);
-  const nodes = [...forward.nodes.filter((_, i) => needed.has(i)), ...backward.nodes];
-  return assemble({ ...forward, name: backward.name }, nodes, [...kept, ...backward.outputs], cotangents, backward.constants);
+  const forwardOutputs = [...options.outputs, ...passThrough].map((o) => forward.outputs.find((d) => d.name === o)!);
+  const nodes = [...forward.nodes.filter((_, i) => kept.has(i)), ...backward.nodes];
+  return assemble({ ...forward, name: backward.name }, nodes, [...forwardOutputs, ...backward.outputs], cotangents, backward.constants);
 }
 
 /** Producers, topological-order check and the nodes `outputs` need. */

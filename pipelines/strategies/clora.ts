@@ -35,10 +35,11 @@
  *   element and update, methods.md section 7) where autograd keeps the activations.
  * - The P slots run as ONE batched UNet call (2P elements, each with its own LoRA through the adapter
  *   bank) instead of P calls with `set_adapters`. Same numbers.
- * - Rounds whose noise predictions are discarded (all but the last of a step) run as ONE pass: the
- *   truncated UNet, the NT-Xent loss and its VJP in one graph (`buildUnetNtXentVjpGraph`, float32),
- *   where the slots fit one UNet call; else the maps-only (truncated) UNet, the loss in TypeScript
- *   (float64) and the VJP pass. The last round runs the full pass and its ε are used, as officially.
+ * - Every round runs as ONE pass where the slots fit one UNet call: the UNet, the NT-Xent loss and its
+ *   VJP in one graph (`buildUnetNtXentVjpGraph`, float32). Rounds whose noise predictions are
+ *   discarded (all but the last of a step) run the UNet truncated after the maps; the last round runs
+ *   the whole UNet and its ε are used, as officially. Otherwise: the maps-only (truncated) UNet or,
+ *   for the last round, the full pass, then the loss in TypeScript (float64) and the VJP pass.
  * - Step thresholds default to the notebook's scaled to the run's step count, ⌊x·T/100 + ½⌋ (exactly
  *   the notebook at T = 100); explicit knobs are step indices.
  * - Token positions come from the tokenizer (concept words → CLIP positions), not hand-written lists;
@@ -214,14 +215,18 @@ export function cloraBranches(plan: CloraPlan, step: number): Branch[] {
   );
 }
 
+/** The contrastive embeddings of a plan in cloraLoss's order (group, slot, token), labelled by group. */
+export function cloraEntries(plan: Pick<CloraPlan, 'groups'>): NtXentEntry[] {
+  return plan.groups.flatMap((group, label) => group.flatMap((tokens, slot) => tokens.map((token) => ({ slot, token, label }))));
+}
+
 export const cloraStrategy = {
   name: 'clora' as const,
   create(setup: StrategySetup, plan: CloraPlan, knobs: CloraKnobs, onEvent?: (e: CloraEvent) => void): Strategy<null> {
     if (plan.slots.length < 2) throw new PipelineError('BAD_ARGUMENT', `CLoRA needs at least one concept besides the base prompt (slots: ${plan.slots.length}).`, { field: 'strategy.concepts' });
     const branchesAt = (step: number): Branch[] => cloraBranches(plan, step);
     const seqsOf = (branches: readonly Branch[]) => plan.slots.map((_, p) => branches[2 * p]!.context.shape[1]!);
-    // The contrastive embeddings in cloraLoss's order: (group, slot, token).
-    const entries: NtXentEntry[] = plan.groups.flatMap((group, label) => group.flatMap((tokens, slot) => tokens.map((token) => ({ slot, token, label }))));
+    const entries = cloraEntries(plan);
     const f32 = Math.fround;
     return {
       name: 'clora',
@@ -235,11 +240,13 @@ export const cloraStrategy = {
         let latents = ctx.latents;
         let outputs: BranchOutput[] | undefined;
         for (let round = 0; round < rounds; round++) {
-          // Rounds before the last: the loss and its gradient in one pass where the branches fit one
-          // UNet call (forward to the maps → NT-Xent → VJP, all in the graph).
-          if (round < rounds - 1 && tools.ntXentVjp !== undefined) {
-            const one = await tools.ntXentVjp(branches, latents, entries, knobs.temperature);
+          // Where the branches fit one UNet call, every round is one pass: forward → NT-Xent → VJP in
+          // one graph; the last round's pass runs the whole UNet and also gives the step's ε.
+          const last = round === rounds - 1;
+          if (tools.ntXentVjp !== undefined) {
+            const one = await tools.ntXentVjp(branches, latents, entries, knobs.temperature, last ? { outputs: true } : undefined);
             if (one !== undefined) {
+              if (last) outputs = one.outputs;
               const before = latents;
               const finite = [...one.loss].every(Number.isFinite);
               if (finite) latents = Float32Array.from(latents, (z, k) => f32(z - f32(knobs.stepSize * one.grad[k]!)));
@@ -253,7 +260,7 @@ export const cloraStrategy = {
           }
           // The last round's forward is the step's: a full pass (its ε are used); earlier rounds need the maps only.
           let maps: BranchMaps[];
-          if (round === rounds - 1) {
+          if (last) {
             outputs = await tools.run(branches, latents);
             maps = outputs.map((o) => o.maps!);
           } else {
@@ -269,7 +276,8 @@ export const cloraStrategy = {
           }
           onEvent?.({ kind: 'update', evaluation: ctx.evaluation, round, loss: loss.loss, latentsBefore: before, latentsAfter: latents, grad, maps: perSlot, embeddings: loss.embeddings });
         }
-        return { latents, outputs: outputs! };
+        if (outputs === undefined) throw new Error('CLoRA update: the last round returned no outputs');
+        return { latents, outputs };
       },
       combine(_s, ctx, outputs) {
         const maps = slotMaps(outputs.map((o) => {

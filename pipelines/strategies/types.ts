@@ -112,9 +112,16 @@ export interface LatentTools {
    * CLoRA's one-pass update: ∂L/∂latents for L = Σ_images NT-Xent over `entries` (slot p's maps are
    * the mean of branches 2p and 2p + 1), the per-image losses and each branch's xattn. Undefined
    * when it cannot run as one pass (the branches need several UNet calls, or the denoiser has no
-   * such pass): use `maps` + `vjp` then.
+   * such pass): use `maps` + `vjp` then. With `options.outputs`, the pass runs the whole UNet and
+   * also returns each branch's full output at these latents (ε, and maps with xattn only).
    */
-  ntXentVjp?(branches: readonly Branch[], latents: Float32Array, entries: readonly NtXentEntry[], temperature: number): Promise<{ grad: Float32Array; xattn: Float32Array[]; loss: Float32Array } | undefined>;
+  ntXentVjp?(
+    branches: readonly Branch[],
+    latents: Float32Array,
+    entries: readonly NtXentEntry[],
+    temperature: number,
+    options?: { readonly outputs?: boolean },
+  ): Promise<{ grad: Float32Array; xattn: Float32Array[]; loss: Float32Array; outputs?: BranchOutput[] } | undefined>;
 }
 
 /** A latent update: the new latents, and optionally the step's branch outputs (then not run again). */
