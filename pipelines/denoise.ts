@@ -47,6 +47,8 @@ export interface DenoiseRun<S> {
   readonly adapters?: { readonly stack: AdapterStack; readonly mode: 'bank' | 'merged' };
   /** Largest batch per denoiser call (images × branches); larger groups are split. */
   readonly maxBatch?: number;
+  /** Largest batch per VJP call (`LatentTools.vjp` / `ntXentVjp`); default maxBatch. */
+  readonly maxGradientBatch?: number;
   readonly signal?: AbortSignal;
   readonly onProgress?: (p: DenoiseProgress) => void;
 }
@@ -194,11 +196,12 @@ function gradientDenoiser(denoiser: DenoiserModel): Required<Pick<DenoiserModel,
  * `LatentTools` at evaluation i: the loop's batching on any latents, with the model-input scaling
  * x_in = c·x (a scalar c per evaluation for every scheduler) and its chain rule ∂L/∂x = c·∂L/∂x_in.
  */
-export function latentTools(run: Pick<DenoiseRun<unknown>, 'scheduler' | 'denoiser' | 'shape' | 'maxBatch' | 'adapters'>, evaluation: number): LatentTools {
+export function latentTools(run: Pick<DenoiseRun<unknown>, 'scheduler' | 'denoiser' | 'shape' | 'maxBatch' | 'maxGradientBatch' | 'adapters'>, evaluation: number): LatentTools {
   const { scheduler, denoiser, shape } = run;
   const timestep = scheduler.timesteps[evaluation]!;
-  const plan = (branches: readonly Branch[], latents: Float32Array) =>
-    planCalls(branches, scheduler.scaleModelInput(latents, evaluation), shape, timestep, run.maxBatch ?? Number.MAX_SAFE_INTEGER, run.adapters);
+  const plan = (branches: readonly Branch[], latents: Float32Array, cap = run.maxBatch) =>
+    planCalls(branches, scheduler.scaleModelInput(latents, evaluation), shape, timestep, cap ?? Number.MAX_SAFE_INTEGER, run.adapters);
+  const gradientCap = run.maxGradientBatch ?? run.maxBatch;
   return {
     run: (branches, latents) => runCalls(denoiser, plan(branches, latents), branches.length),
     async maps(branches, latents) {
@@ -217,7 +220,7 @@ export function latentTools(run: Pick<DenoiseRun<unknown>, 'scheduler' | 'denois
       const out = new Array<BranchMaps>(branches.length);
       // Queries of the 1/32 grid: two stride-2 levels below the latent grid (⌈h/2⌉ each).
       const q = Math.ceil(shape[2]! / 4) * Math.ceil(shape[3]! / 4);
-      for (const { members, request } of plan(branches, latents)) {
+      for (const { members, request } of plan(branches, latents, gradientCap)) {
         const n = members.length;
         const images = request.sample.shape[0]! / n;
         // Each member's cotangent (images, …map) stacked in call order; absent ones are zeros.
@@ -248,7 +251,7 @@ export function latentTools(run: Pick<DenoiseRun<unknown>, 'scheduler' | 'denois
     },
     async ntXentVjp(branches, latents, entries, temperature, options) {
       if (denoiser.ntXentVjp === undefined) return undefined;
-      const calls = plan(branches, latents);
+      const calls = plan(branches, latents, gradientCap);
       // The loss couples every branch of an image: one call must hold them all.
       if (calls.length !== 1) return undefined;
       const { members, request } = calls[0]!;

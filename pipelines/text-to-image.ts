@@ -48,6 +48,8 @@ export interface GenerateOptions {
   /** Replaces the seeded initial noise of the first batch: (batchSize, C, h, w). */
   readonly initLatents?: Tensor;
   readonly maxBatch?: number;
+  /** Largest batch per VJP call of the gradient-guided strategies (default `defaultGradientBatch`, at most maxBatch). */
+  readonly maxGradientBatch?: number;
   /** What the gradient-guided strategies report (updates, masks, re-initialisation), per batch. */
   readonly onStrategyEvent?: (event: CloraEvent | ComposerEvent, batch: number) => void;
 }
@@ -72,6 +74,29 @@ export function unetBytesPerSample(latentH: number, latentW: number): number {
  */
 export function defaultMaxBatch(latentH: number, latentW: number, sessions: number, totalBytes: number = os.totalmem()): number {
   return Math.max(2, Math.floor((0.5 * totalBytes) / (sessions * unetBytesPerSample(latentH, latentW))));
+}
+
+/**
+ * Activation memory of one sample in a VJP call (the truncated UNet and its backward, CLoRA and
+ * LoRA-Composer), from the latent grid. Measured on SD 1.5 at 512² (bench/gradient.ts reports the
+ * peak RSS): the VJP session's weights take ≈ 6.3 GiB and one sample's call grows its arena
+ * by ≈ 5.9 GiB: the level-0 self-attention probabilities, kept for the backward, and their
+ * gradients ≈ 11 tensors of 8 heads × N² floats, plus feature maps and their gradients (≈ 6.1 GiB).
+ */
+export function unetVjpBytesPerSample(latentH: number, latentW: number): number {
+  const n = latentH * latentW;
+  return 11 * 8 * n * n * 4 + 128 * 320 * n * 4;
+}
+
+/**
+ * The default cap on samples per VJP call of the gradient-guided strategies: a quarter of the
+ * machine's memory for its arena (the forward UNet, maps and VJP sessions' weights and the forward
+ * calls take the rest); at least one sample. SD 1.5 at 512² on 24 GB: 1 (a call of CLoRA's six slot
+ * samples would need ≈ 36 GiB; the process was killed). CLoRA's one-pass update needs all 2P slot
+ * samples of an image in one call; below that it runs the two-pass update.
+ */
+export function defaultGradientBatch(latentH: number, latentW: number, totalBytes: number = os.totalmem()): number {
+  return Math.max(1, Math.floor((0.25 * totalBytes) / unetVjpBytesPerSample(latentH, latentW)));
 }
 
 /** A LoRA as it was applied: where it came from, its strengths, hash and coverage. */
@@ -292,6 +317,7 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
     const scheduler = createScheduler(choice.kind, schedulerConfig, job.steps, choice.options);
     const setup = { conditioning, guidanceScale: job.cfgScale, stack, steps: job.steps };
     const onEvent = options.onStrategyEvent === undefined ? undefined : (e: CloraEvent | ComposerEvent) => options.onStrategyEvent!(e, b);
+    const maxBatch = options.maxBatch ?? defaultMaxBatch(h, w, (strategy.name === 'cmlora' && strategy.cacheInterval !== 1) || gradientPlan !== undefined ? 2 : 1);
     const finalLatents = await denoise({
       scheduler,
       strategy:
@@ -306,7 +332,10 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
       steps: job.steps,
       noise: draw,
       ...(mode === 'none' ? {} : { adapters: { stack, mode } }),
-      maxBatch: options.maxBatch ?? defaultMaxBatch(h, w, strategy.name === 'cmlora' && strategy.cacheInterval !== 1 ? 2 : 1),
+      // CMLoRA keeps two UNet sessions (full and shallow); the gradient-guided strategies' forward
+      // calls share the budget with their VJP calls.
+      maxBatch,
+      ...(gradientPlan === undefined ? {} : { maxGradientBatch: options.maxGradientBatch ?? Math.min(maxBatch, defaultGradientBatch(h, w)) }),
       ...(options.signal === undefined ? {} : { signal: options.signal }),
       onProgress: (p) => options.onProgress?.({ ...p, batch: b, batches: job.batchCount }),
     });

@@ -7,7 +7,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import type { Tensor } from '../models/index.ts';
 import { denoise } from '../pipelines/denoise.ts';
-import { defaultMaxBatch, unetBytesPerSample } from '../pipelines/text-to-image.ts';
+import { defaultGradientBatch, defaultMaxBatch, unetBytesPerSample, unetVjpBytesPerSample } from '../pipelines/text-to-image.ts';
 import { PipelineError } from '../pipelines/errors.ts';
 import type { DenoiserModel } from '../pipelines/models.ts';
 import type { Scheduler } from '../pipelines/schedulers/types.ts';
@@ -146,4 +146,13 @@ test('the default memory cap: SD 1.5 at 512² keeps a CFG batch of 6 in one call
   assert.equal(defaultMaxBatch(128, 128, 1, 24 * GiB), 2, '1024² on 24 GB: pairs');
   // The tiny fixture sizes are never split on a machine like CI's.
   assert.ok(defaultMaxBatch(32, 32, 2, 24 * GiB) >= 32);
+});
+
+test('the default VJP cap: one sample per call for SD 1.5 at 512² on 24 GB (≈ 6 GiB each), CLoRA\'s six slot samples together at the tiny fixture size', () => {
+  const GiB = 1024 ** 3;
+  assert.ok(Math.abs(unetVjpBytesPerSample(64, 64) / GiB - 6.1) < 0.1, `${unetVjpBytesPerSample(64, 64) / GiB} GiB`);
+  assert.equal(defaultGradientBatch(64, 64, 24 * GiB), 1);
+  assert.equal(defaultGradientBatch(64, 64, 8 * GiB), 1, 'never below one sample');
+  assert.equal(defaultGradientBatch(64, 64, 64 * GiB), 2);
+  assert.ok(defaultGradientBatch(32, 32, 24 * GiB) >= 6, 'the tiny fixture (256²) keeps the one-pass CLoRA update');
 });

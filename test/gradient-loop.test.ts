@@ -125,6 +125,20 @@ describe('the latent-update hook', () => {
     assert.equal(maps[2]!.xattn.length, 2 * 77);
   });
 
+  test('VJP calls take the gradient cap (their memory), maps calls the forward cap; no one-pass update when it splits the slots', async () => {
+    const calls: Calls = { predict: [], maps: [], vjp: [] };
+    let onePass = 0;
+    const denoiser = { ...fakeDenoiser(calls), ntXentVjp: async () => (onePass++, assert.fail('the one-pass update must not run when the slots need several VJP calls')) };
+    const tools = latentTools({ scheduler: fakeScheduler(1), denoiser, shape: [1, 1, 4, 4], maxBatch: 6, maxGradientBatch: 2 }, 0);
+    const branches = [1, 2, 3, 4, 5, 6].map((k) => ({ context: ctx(k) }));
+    await tools.maps(branches, new Float32Array(16));
+    await tools.vjp(branches, new Float32Array(16), branches.map(() => ({ xattn: new Float32Array(77) })));
+    assert.deepEqual(calls.maps, [6]);
+    assert.deepEqual(calls.vjp, [2, 2, 2]);
+    assert.equal(await tools.ntXentVjp!(branches, new Float32Array(16), [], 0.5), undefined);
+    assert.equal(onePass, 0);
+  });
+
   test('a denoiser without maps/VJP is refused with a typed error', async () => {
     const tools = latentTools({ scheduler: fakeScheduler(1), denoiser: { predict: fakeDenoiser({ predict: [], maps: [], vjp: [] }).predict }, shape: [1, 1, 4, 4] }, 0);
     await assert.rejects(tools.maps([{ context: ctx(0) }], new Float32Array(16)), (e: Error & { code?: string }) => e.code === 'BAD_ARGUMENT' && /maps\/VJP/.test(e.message));
