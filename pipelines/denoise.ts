@@ -49,6 +49,11 @@ export interface DenoiseRun<S> {
   readonly maxBatch?: number;
   /** Largest batch per VJP call (`LatentTools.vjp` / `ntXentVjp`); default maxBatch. */
   readonly maxGradientBatch?: number;
+  /**
+   * `LatentTools.maps` through the full forward (the maps are among its outputs) instead of the
+   * truncated maps-only graph: twice the compute for those passes, one UNet session less in memory.
+   */
+  readonly mapsFromFullPass?: boolean;
   readonly signal?: AbortSignal;
   readonly onProgress?: (p: DenoiseProgress) => void;
 }
@@ -196,7 +201,7 @@ function gradientDenoiser(denoiser: DenoiserModel): Required<Pick<DenoiserModel,
  * `LatentTools` at evaluation i: the loop's batching on any latents, with the model-input scaling
  * x_in = c·x (a scalar c per evaluation for every scheduler) and its chain rule ∂L/∂x = c·∂L/∂x_in.
  */
-export function latentTools(run: Pick<DenoiseRun<unknown>, 'scheduler' | 'denoiser' | 'shape' | 'maxBatch' | 'maxGradientBatch' | 'adapters'>, evaluation: number): LatentTools {
+export function latentTools(run: Pick<DenoiseRun<unknown>, 'scheduler' | 'denoiser' | 'shape' | 'maxBatch' | 'maxGradientBatch' | 'mapsFromFullPass' | 'adapters'>, evaluation: number): LatentTools {
   const { scheduler, denoiser, shape } = run;
   const timestep = scheduler.timesteps[evaluation]!;
   const plan = (branches: readonly Branch[], latents: Float32Array, cap = run.maxBatch) =>
@@ -208,7 +213,8 @@ export function latentTools(run: Pick<DenoiseRun<unknown>, 'scheduler' | 'denois
       const model = gradientDenoiser(denoiser);
       const out = new Array<BranchMaps>(branches.length);
       for (const { members, request } of plan(branches, latents)) {
-        const maps = await model.maps(request);
+        const maps = run.mapsFromFullPass === true ? (await denoiser.predict({ ...request, attentionMaps: true })).maps : await model.maps(request);
+        if (maps === undefined) throw new Error('LatentTools.maps: the full pass returned no attention maps');
         members.forEach((i, k) => (out[i] = branchMaps(maps, k, members.length)));
       }
       return out;

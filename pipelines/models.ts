@@ -74,6 +74,8 @@ export interface DenoiseCotangents {
 
 export interface DenoiserModel {
   predict(request: DenoiseRequest): Promise<DenoiseResult>;
+  /** Free the memory of the gradient passes (VJP sessions); they are rebuilt on the next use. */
+  releaseGradientPasses?(): Promise<void>;
   /** The 1/32-grid maps only, from the UNet truncated after its last 1/32-grid layer (gradient-guided strategies). */
   maps?(request: DenoiseRequest): Promise<DenoiseMaps>;
   /** ∂L/∂sample for L = Σ ⟨cotangents, maps⟩, with the maps (gradient-guided strategies). */
@@ -221,6 +223,9 @@ export function engineModels(engine: Sd15Engine, options: { loraDirs?: readonly 
           ...(out.deep_feature === undefined ? {} : { deepFeature: out.deep_feature }),
           ...(attentionMaps === true ? { maps: mapsOf(out) } : {}),
         };
+      },
+      async releaseGradientPasses() {
+        await engine.releaseGradientSessions();
       },
       async maps(request) {
         const variant: UnetVariant = { ...(request.regions === undefined ? {} : regionVariant(request)), attentionMaps: { level: MAPS_LEVEL }, mapsOnly: true };

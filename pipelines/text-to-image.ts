@@ -99,6 +99,17 @@ export function defaultGradientBatch(latentH: number, latentW: number, totalByte
   return Math.max(1, Math.floor((0.25 * totalBytes) / unetVjpBytesPerSample(latentH, latentW)));
 }
 
+/**
+ * True when one VJP sample takes more than an eighth of the machine's memory (SD 1.5 at 512² on
+ * 24 GB). Measured there with random SD 1.5 weights: the bank forward (3 samples), the maps-only
+ * and the VJP (1 sample) sessions together reached 23.3 GiB RSS and the next round was killed by the
+ * kernel. So the loss's maps then come from the forward session (no maps-only session) and the
+ * forward calls are capped as for three sessions (2 samples at 512² on 24 GB).
+ */
+export function gradientMemoryIsShort(latentH: number, latentW: number, totalBytes: number = os.totalmem()): boolean {
+  return unetVjpBytesPerSample(latentH, latentW) > totalBytes / 8;
+}
+
 /** A LoRA as it was applied: where it came from, its strengths, hash and coverage. */
 export interface AppliedLora {
   readonly name: string;
@@ -317,7 +328,11 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
     const scheduler = createScheduler(choice.kind, schedulerConfig, job.steps, choice.options);
     const setup = { conditioning, guidanceScale: job.cfgScale, stack, steps: job.steps };
     const onEvent = options.onStrategyEvent === undefined ? undefined : (e: CloraEvent | ComposerEvent) => options.onStrategyEvent!(e, b);
-    const maxBatch = options.maxBatch ?? defaultMaxBatch(h, w, (strategy.name === 'cmlora' && strategy.cacheInterval !== 1) || gradientPlan !== undefined ? 2 : 1);
+    // Gradient strategies keep a forward and a VJP session (and a maps-only one unless memory is
+    // short: then the maps come from the forward session, see `gradientMemoryIsShort`).
+    const shortOfMemory = gradientPlan !== undefined && gradientMemoryIsShort(h, w);
+    const sessions = shortOfMemory ? 3 : (strategy.name === 'cmlora' && strategy.cacheInterval !== 1) || gradientPlan !== undefined ? 2 : 1;
+    const maxBatch = options.maxBatch ?? defaultMaxBatch(h, w, sessions);
     const finalLatents = await denoise({
       scheduler,
       strategy:
@@ -336,9 +351,13 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
       // calls share the budget with their VJP calls.
       maxBatch,
       ...(gradientPlan === undefined ? {} : { maxGradientBatch: options.maxGradientBatch ?? Math.min(maxBatch, defaultGradientBatch(h, w)) }),
+      ...(shortOfMemory ? { mapsFromFullPass: true } : {}),
       ...(options.signal === undefined ? {} : { signal: options.signal }),
       onProgress: (p) => options.onProgress?.({ ...p, batch: b, batches: job.batchCount }),
     });
+    // Short of memory, the VAE decode (and the next batch's forward passes) must not sit beside the
+    // VJP session's ≈ 14 GiB (SD 1.5 at 512²): release it; the next batch's updates rebuild it.
+    if (shortOfMemory) await models.denoiser.releaseGradientPasses?.();
     for (let i = 0; i < job.batchSize; i++) {
       const latents: Tensor<'float32'> = { dtype: 'float32', shape: [1, c, h, w], data: finalLatents.slice(i * perImage, (i + 1) * perImage) };
       const image = await models.decoder.decode(latents);

@@ -7,7 +7,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import type { Tensor } from '../models/index.ts';
 import { denoise } from '../pipelines/denoise.ts';
-import { defaultGradientBatch, defaultMaxBatch, unetBytesPerSample, unetVjpBytesPerSample } from '../pipelines/text-to-image.ts';
+import { defaultGradientBatch, defaultMaxBatch, gradientMemoryIsShort, unetBytesPerSample, unetVjpBytesPerSample } from '../pipelines/text-to-image.ts';
 import { PipelineError } from '../pipelines/errors.ts';
 import type { DenoiserModel } from '../pipelines/models.ts';
 import type { Scheduler } from '../pipelines/schedulers/types.ts';
@@ -155,4 +155,9 @@ test('the default VJP cap: one sample per call for SD 1.5 at 512² on 24 GB (≈
   assert.equal(defaultGradientBatch(64, 64, 8 * GiB), 1, 'never below one sample');
   assert.equal(defaultGradientBatch(64, 64, 64 * GiB), 2);
   assert.ok(defaultGradientBatch(32, 32, 24 * GiB) >= 6, 'the tiny fixture (256²) keeps the one-pass CLoRA update');
+  // Short of memory (maps through the forward session, VJP session released before decoding).
+  assert.equal(gradientMemoryIsShort(64, 64, 24 * GiB), true);
+  assert.equal(gradientMemoryIsShort(64, 64, 64 * GiB), false);
+  assert.equal(gradientMemoryIsShort(32, 32, 24 * GiB), false);
+  assert.equal(defaultMaxBatch(64, 64, 3, 24 * GiB), 2);
 });

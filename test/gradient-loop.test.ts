@@ -139,6 +139,20 @@ describe('the latent-update hook', () => {
     assert.equal(onePass, 0);
   });
 
+  test('mapsFromFullPass: the maps come from full passes that ask for them (no maps-only session)', async () => {
+    const calls: Calls = { predict: [], maps: [], vjp: [] };
+    const base = fakeDenoiser(calls);
+    const asked: boolean[] = [];
+    const denoiser = { ...base, predict: (r: DenoiseRequest) => (asked.push(r.attentionMaps === true), base.predict(r)) };
+    const tools = latentTools({ scheduler: fakeScheduler(1), denoiser, shape: [1, 1, 4, 4], maxBatch: 2, mapsFromFullPass: true }, 0);
+    const maps = await tools.maps([1, 2, 3].map((k) => ({ context: ctx(k) })), new Float32Array(16));
+    assert.deepEqual(calls.maps, []);
+    assert.deepEqual(calls.predict, [2, 1]);
+    assert.deepEqual(asked, [true, true]);
+    assert.equal(maps.length, 3);
+    assert.equal(maps[2]!.xattn.length, 77);
+  });
+
   test('a denoiser without maps/VJP is refused with a typed error', async () => {
     const tools = latentTools({ scheduler: fakeScheduler(1), denoiser: { predict: fakeDenoiser({ predict: [], maps: [], vjp: [] }).predict }, shape: [1, 1, 4, 4] }, 0);
     await assert.rejects(tools.maps([{ context: ctx(0) }], new Float32Array(16)), (e: Error & { code?: string }) => e.code === 'BAD_ARGUMENT' && /maps\/VJP/.test(e.message));

@@ -142,6 +142,15 @@ describe('UNet VJP matches the reference gradients (tiny-sd15-ref vjp/*)', () =>
     t.diagnostic(`finite differences [${list(fd)}], VJP [${list(an)}], relative error ${rel.toExponential(2)}`);
   });
 
+  test('releasing the gradient sessions frees them; the next call rebuilds one and gives the same gradient', async () => {
+    const { unet, cotangents } = inputsOf(cases[0]!);
+    const first = await engine.runUnetVjp(unet, cotangents);
+    assert.ok((await engine.releaseGradientSessions()) >= 1, 'a VJP session was released');
+    assert.equal(await engine.releaseGradientSessions(), 0, 'none left');
+    const again = await engine.runUnetVjp(unet, cotangents);
+    assert.deepEqual(again.gradSample.data, first.gradSample.data);
+  });
+
   test('rejects cotangents of the wrong shape, naming the input', async () => {
     const { unet, cotangents } = inputsOf(cases[0]!);
     const bad = { ...cotangents, selfattn: { ...cotangents.selfattn, shape: [1, 64, 77] } };
