@@ -21,7 +21,7 @@ import type { Tensor } from './tensor.ts';
 import { toFloat32 } from './tensor.ts';
 import { bindWeights, type BindReport } from './weights.ts';
 import type { Component } from './keys/ldm.ts';
-import { bankLayersOf, LORA_MIX_INPUT } from './networks/adapter-bank.ts';
+import { bankFamily, bankLayersOf, LORA_MIX_INPUT } from './networks/adapter-bank.ts';
 import { bankFeeds, mixTensor } from './lora/bank.ts';
 import { mergePatch } from './lora/merge.ts';
 import type { LoraComponent, LoraModule, LoraTarget } from './lora/types.ts';
@@ -90,6 +90,11 @@ export interface TextEncoderVariant {
 export interface LoraVariant {
   /** Build with adapter-bank inputs (LoRAs as runtime inputs). */
   readonly adapterBank?: boolean;
+  /**
+   * With `adapterBank`: bank inputs only on the layers of these families (`bankFamily`), the ones the
+   * stack covers; default all. The engine picks them per stack (`bankFamiliesOf`).
+   */
+  readonly bankFamilies?: readonly string[];
 }
 
 export type GraphVariant = UnetVariant & TextEncoderVariant & LoraVariant;
@@ -302,6 +307,7 @@ export class Sd15Engine {
       case 'text_encoder':
         return buildClipTextGraph(this.model.textEncoder, {
           adapterBank,
+          ...(adapterBank && variant.bankFamilies !== undefined ? { bankFamilies: variant.bankFamilies } : {}),
           ...(variant.clipSkip !== undefined && variant.clipSkip >= 3 ? { extraClipSkips: [variant.clipSkip] } : {}),
         });
       case 'unet':
@@ -310,6 +316,7 @@ export class Sd15Engine {
           return buildUnetMapsGraph(this.model.unet, {
             level: variant.attentionMaps.level,
             adapterBank,
+            ...(adapterBank && variant.bankFamilies !== undefined ? { bankFamilies: variant.bankFamilies } : {}),
             ...(variant.regions === true ? { regions: true } : {}),
             ...(variant.selfAttentionIsolation === true ? { selfAttentionIsolation: true } : {}),
             ...(variant.regionOutputAdapters === true ? { regionOutputAdapters: true } : {}),
@@ -399,7 +406,8 @@ export class Sd15Engine {
     if (adapters.mix.length !== batch || adapters.mix.some((row) => row.length !== K)) {
       throw new ModelError('SHAPE_MISMATCH', `the LoRA mix must have one row of ${K} strengths per batch element (${batch}); got ${adapters.mix.length} rows.`, { input: LORA_MIX_INPUT });
     }
-    const bankVariant = { ...variant, adapterBank: true };
+    const families = this.bankFamiliesOf(kind, adapters.stack);
+    const bankVariant = { ...variant, adapterBank: true, ...(families === undefined ? {} : { bankFamilies: families }) };
     const session = await this.session(kind, bankVariant);
     const cacheKey = `${kind}|${adapters.stack.id}`;
     let feeds = this.#bankFeeds.get(cacheKey);
@@ -409,6 +417,27 @@ export class Sd15Engine {
       this.#bankFeeds.set(cacheKey, feeds);
     }
     return { session, feeds: { ...feeds, [LORA_MIX_INPUT]: mixTensor(adapters.mix, K) } };
+  }
+
+  readonly #bankModules = new Map<string, ReadonlySet<string>>();
+
+  /**
+   * The bank-layer families (`bankFamily`) a stack covers in a component, sorted; undefined when it
+   * covers every family (the full bank graph). Bank sessions are built with these families only, so a
+   * stack pays no zero-rank adapter path for the layers none of its LoRAs touches (a kohya LoRA on
+   * the transformer blocks: no bank path on any resnet conv). Stacks that cover the same families
+   * share a session; the outputs do not depend on the families (an uncovered layer's delta is 0).
+   */
+  bankFamiliesOf(kind: 'text_encoder' | 'unet', stack: AdapterStack): readonly string[] | undefined {
+    let all = this.#bankModules.get(kind);
+    if (all === undefined) {
+      all = new Set(bankLayersOf(this.buildGraph(kind, { adapterBank: true })).map((l) => l.module));
+      this.#bankModules.set(kind, all);
+    }
+    const covered = new Set<string>();
+    for (const entry of stack.entries) for (const m of entry.modules) if (m.component === kind && all.has(m.module)) covered.add(bankFamily(m.module));
+    const everyFamily = new Set([...all].map(bankFamily));
+    return covered.size === everyFamily.size ? undefined : [...covered].sort();
   }
 
   /** CLIP text encoder on token ids (B, S), S ≤ max_position_embeddings. */
@@ -580,9 +609,11 @@ export class Sd15Engine {
     if (adapters !== undefined && adapters.mode === 'merged' && adapters.stack.size > 0) {
       patch = mergePatch('unet', adapters.stack.entries.map((e) => ({ identity: fileIdentity(e.path), name: e.name, modules: e.modules, strength: e.unet })));
     }
+    const families = bank ? this.bankFamiliesOf('unet', adapters.stack) : undefined;
     const options = {
       level,
       adapterBank: bank,
+      ...(families === undefined ? {} : { bankFamilies: families }),
       debugGradients: variant.debugGradients === true,
       ...(variant.regions === true ? { regions: true, selfAttentionIsolation: variant.selfAttentionIsolation === true, regionOutputAdapters: variant.regionOutputAdapters === true } : {}),
     };

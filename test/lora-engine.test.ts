@@ -12,7 +12,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { AdapterStack, Sd15Engine, openSafetensors, type AdapterUse, type LoadedLora, type Tensor } from '../models/index.ts';
 import { bankFeeds, mixTensor } from '../models/lora/bank.ts';
-import { LORA_MIX_INPUT, bankLayersOf } from '../models/networks/adapter-bank.ts';
+import { LORA_MIX_INPUT, bankFamily, bankLayersOf } from '../models/networks/adapter-bank.ts';
 import { FIXTURES, REF, assertClose, refCases } from './fixtures.ts';
 
 const MODEL = path.join(FIXTURES, 'tiny-sd15');
@@ -88,6 +88,37 @@ describe('LoRAs through the engine match the reference', () => {
       { mode: 'bank', stack: stackOf(cases[0]!), mix: [[0]] },
     );
     assertClose(bankZero.noise_pred!.data, plain.noise_pred!.data, 1e-6, 'bank with strength 0');
+  });
+
+  test('a bank session carries adapter inputs only for the layer families its stack covers', async () => {
+    assert.equal(bankFamily('down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0'), 'down_blocks.attentions.transformer_blocks.attn1.to_out');
+    assert.equal(bankFamily('text_model.encoder.layers.11.mlp.fc2'), 'text_model.encoder.layers.mlp.fc2');
+    const a = loaded.get('lora_kohya_a.safetensors')!;
+    const b = loaded.get('lora_kohya_b_locon.safetensors')!;
+    const entry = (l: LoadedLora) => ({ path: l.path, name: l.name, modules: l.modules, te: 1, unet: 1 });
+    const onlyA = new AdapterStack([entry(a)]);
+    const both = new AdapterStack([entry(a), entry(b)]);
+    const familiesA = engine.bankFamiliesOf('unet', onlyA);
+    assert.ok(familiesA !== undefined && familiesA.length > 0, 'kohya_a covers some UNet families, not all');
+    assert.ok(familiesA.every((f) => f.includes('.attentions.')), `kohya_a covers transformer layers only: ${familiesA.join(', ')}`);
+    const familiesBoth = engine.bankFamiliesOf('unet', both);
+    assert.ok(familiesBoth === undefined || familiesBoth.some((f) => f.includes('.resnets.')), 'the LoCon LoRA brings the resnet convs');
+    const inputsA = (await engine.session('unet', { adapterBank: true, bankFamilies: familiesA })).inputNames.filter((n) => n.startsWith('lora.'));
+    const inputsFull = bankLayersOf(engine.buildGraph('unet', { adapterBank: true })).length;
+    assert.ok(inputsA.length > 0 && inputsA.length < 3 * inputsFull, `${inputsA.length} adapter inputs of ${3 * inputsFull}`);
+    assert.ok(!inputsA.some((n) => n.includes('.resnets.')), 'no zero-rank resnet paths');
+    // The output does not depend on the families: the full bank graph fed the same stack agrees.
+    const viaEngine = await engine.runUnet({ sample, timestep, encoderHiddenStates: ctx }, {}, { mode: 'bank', stack: onlyA, mix: [[0.8]] });
+    const full = await engine.session('unet', { adapterBank: true });
+    const feeds = bankFeeds(bankLayersOf(engine.buildGraph('unet', { adapterBank: true })), 'unet', onlyA.entries);
+    const onFull = await full.run({ ...feeds, [LORA_MIX_INPUT]: mixTensor([[0.8]], 1), sample, timestep, encoder_hidden_states: ctx }, ['noise_pred']);
+    assertClose(viaEngine.noise_pred!.data, onFull.noise_pred!.data as Float32Array, 1e-6, 'family-restricted vs full bank graph');
+    // A stack with no text-encoder module gets a text-encoder bank graph without adapter layers.
+    const unetOnly = new AdapterStack([{ ...entry(a), modules: a.modules.filter((m) => m.component === 'unet') }]);
+    assert.deepEqual(engine.bankFamiliesOf('text_encoder', unetOnly), []);
+    const te = await engine.encodeText(ids, { mode: 'bank', stack: unetOnly, mix: [[1], [1]] });
+    const tePlain = await engine.encodeText(ids);
+    assert.deepEqual(te.lastHiddenState.data, tePlain.lastHiddenState.data);
   });
 
   test('a heterogeneous batch (a different LoRA per element) equals the single calls', async () => {

@@ -55,6 +55,8 @@ interface SpatialMix {
 
 interface BankState {
   readonly prefixes: readonly string[];
+  /** Only modules of these families (see `bankFamily`) get bank inputs; undefined: all. */
+  readonly families: ReadonlySet<string> | undefined;
   readonly mix: Value;
   readonly layers: BankLayer[];
   /** Inputs per module, so a layer applied twice (global and region paths) shares them. */
@@ -82,10 +84,24 @@ function mixMap(g: Ops, spatial: SpatialMix, level: number): Value {
 
 const banks = new WeakMap<Ops, BankState>();
 
-/** Give the graph being built an adapter bank on the layers under `prefixes`. */
-export function attachAdapterBank(g: Ops, prefixes: readonly string[]): void {
+/**
+ * A bank layer's family: its module path without the block and layer indices, e.g.
+ * `down_blocks.attentions.transformer_blocks.attn1.to_q` for every `down_blocks.<i>.attentions.<j>.
+ * transformer_blocks.<k>.attn1.to_q`. A graph can carry bank inputs for some families only (the ones
+ * a LoRA stack covers): the layers of the other families then run as in the plain graph instead of
+ * paying for zero-rank adapter paths (a Concat of their weights, a zero-channel conv and its add).
+ */
+export function bankFamily(module: string): string {
+  return module.replace(/\.\d+(?=\.|$)/g, '');
+}
+
+/**
+ * Give the graph being built an adapter bank on the layers under `prefixes`; with `families`, only
+ * on the layers of those families (see `bankFamily`).
+ */
+export function attachAdapterBank(g: Ops, prefixes: readonly string[], families?: readonly string[]): void {
   const mix = g.input(LORA_MIX_INPUT, 'float32', ['batch', 'adapters']);
-  banks.set(g, { prefixes, mix, layers: [], inputs: new Map() });
+  banks.set(g, { prefixes, families: families === undefined ? undefined : new Set(families), mix, layers: [], inputs: new Map() });
 }
 
 /** The bank layers declared so far (all of them once the graph is built). */
@@ -95,7 +111,7 @@ export function adapterBankLayers(g: Ops): readonly BankLayer[] {
 
 function bankFor(g: Ops, module: string): BankState | undefined {
   const bank = banks.get(g);
-  return bank !== undefined && bank.prefixes.some((p) => module.startsWith(p)) ? bank : undefined;
+  return bank !== undefined && bank.prefixes.some((p) => module.startsWith(p)) && (bank.families === undefined || bank.families.has(bankFamily(module))) ? bank : undefined;
 }
 
 function layerInputs(g: Ops, bank: BankState, layer: BankLayer): { down: Value; up: Value; owner: Value } {

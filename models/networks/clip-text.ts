@@ -27,6 +27,8 @@ export interface ClipTextBuildOptions {
   readonly extraClipSkips?: readonly number[];
   /** LoRA adapter-bank inputs on every linear of the encoder layers (see adapter-bank.ts). */
   readonly adapterBank?: boolean;
+  /** With `adapterBank`: bank inputs only on the layers of these families (`bankFamily`; default all). */
+  readonly bankFamilies?: readonly string[];
 }
 
 /** Where the text encoder's bank layers live: kohya's `lora_te_` targets (attention and MLP). */
@@ -68,7 +70,7 @@ function clipEncoderLayer(g: Ops, x: Value, causalMask: Value, c: ClipTextConfig
 export function buildClipTextGraph(config: ClipTextConfig, options: ClipTextBuildOptions = {}): Graph {
   const c = config;
   const g = new Ops('text_encoder');
-  if (options.adapterBank === true) attachAdapterBank(g, TEXT_ENCODER_BANK_PREFIXES);
+  if (options.adapterBank === true) attachAdapterBank(g, TEXT_ENCODER_BANK_PREFIXES, options.bankFamilies);
   const inputIds = g.input('input_ids', 'int64', ['batch', 'sequence']);
   const seqLen = g.shape(inputIds, { start: 1, end: 2 });
   const extra = [...new Set(options.extraClipSkips ?? [])].sort((a, b) => a - b);

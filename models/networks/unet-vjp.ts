@@ -33,6 +33,8 @@ export interface UnetVjpOptions {
   readonly level: number;
   /** Adapter-bank inputs (LoRAs active during the update). */
   readonly adapterBank?: boolean;
+  /** With `adapterBank`: bank inputs only on the layers of these families (`bankFamily`; default all). */
+  readonly bankFamilies?: readonly string[];
   /** The maps the loss depends on (default xattn and selfattn, plus xattn_region with regions). */
   readonly maps?: readonly UnetMap[];
   /**
@@ -53,7 +55,7 @@ export interface UnetVjpOptions {
 function forwardGraph(config: UnetConfig, options: UnetVjpOptions): Graph {
   return buildUnetGraph(config, {
     attentionMaps: { level: options.level },
-    ...(options.adapterBank === true ? { adapterBank: true } : {}),
+    ...(options.adapterBank === true ? { adapterBank: true, ...(options.bankFamilies === undefined ? {} : { bankFamilies: options.bankFamilies }) } : {}),
     ...(options.debugGradients === true ? { debugOutputs: true } : {}),
     ...(options.regions === true ? { regions: true } : {}),
     ...(options.selfAttentionIsolation === true ? { selfAttentionIsolation: true } : {}),

@@ -39,6 +39,8 @@ export interface UnetBuildOptions {
   readonly debugOutputs?: boolean;
   /** LoRA adapter-bank inputs on every linear/conv of the down, mid and up blocks (see adapter-bank.ts). */
   readonly adapterBank?: boolean;
+  /** With `adapterBank`: bank inputs only on the layers of these families (`bankFamily`; default all). */
+  readonly bankFamilies?: readonly string[];
   /**
    * Head- and layer-averaged attention maps of one UNet level (level 2 = the 1/32 grid of
    * CLoRA and LoRA-Composer): outputs `xattn` (B, N, S) from the cross-attentions and `selfattn`
@@ -362,7 +364,7 @@ function upBlock(ctx: Ctx, i: number, x: Value, prevOutputChannels: number, skip
 export function buildUnetGraph(config: UnetConfig, options: UnetBuildOptions = {}): Graph {
   const g = new Ops('unet');
   const c = config;
-  if (options.adapterBank === true) attachAdapterBank(g, UNET_BANK_PREFIXES);
+  if (options.adapterBank === true) attachAdapterBank(g, UNET_BANK_PREFIXES, options.bankFamilies);
   if (options.regions === true && options.adapterBank === true) enableSpatialMix(g, (module) => unetLevelOf(module, c.blockOutChannels.length));
   const crossDim = c.crossAttentionDim[0]!;
   if (!c.crossAttentionDim.every((d) => d === crossDim)) {
