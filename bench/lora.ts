@@ -124,7 +124,13 @@ async function phase(name: string, variants: ReadonlyArray<[string, (loras: Load
     const forwards = variants.map(([label, use]): [string, Forward] => {
       if (label === BANK_GRAPH_K0) {
         const feeds = { ...bankFeeds(bankLayersOf(engine.buildGraph('unet', { adapterBank: true })), 'unet', []), [LORA_MIX_INPUT]: mixTensor([[], []], 0) };
-        return [label, async () => (await (await engine.session('unet', { adapterBank: true })).run({ ...feeds, sample, timestep, encoder_hidden_states: context }, ['noise_pred'])).noise_pred!.data as Float32Array];
+        return [
+          label,
+          async () => {
+            const session = await engine.session('unet', { adapterBank: true });
+            return (await session.run(engine.widenedFeeds(session, { ...feeds, sample, timestep, encoder_hidden_states: context }), ['noise_pred'])).noise_pred!.data as Float32Array;
+          },
+        ];
       }
       const adapters = use(loras);
       return [label, async () => (await engine.runUnet({ sample, timestep, encoderHiddenStates: context }, {}, adapters)).noise_pred!.data];

@@ -44,6 +44,8 @@ export interface PreparedModel {
   readonly weightsPath: string;
   /** True when the weights came from the cache (no conversion this time). */
   readonly weightsReused: boolean;
+  /** Where each parameter's bytes are in the weights file (graph layout and dtype). */
+  readonly params: Readonly<Record<string, { readonly offset: number; readonly length: number }>>;
 }
 
 function weightsKey(bound: BoundWeights, patch: ParamPatch | undefined): string {
@@ -128,5 +130,5 @@ export function prepareModelFiles(graph: Graph, bound: BoundWeights, options: { 
   });
   const modelPath = path.join(dir, `graph-${createHash('sha256').update(bytes).digest('hex').slice(0, 16)}.onnx`);
   if (!fs.existsSync(modelPath)) writeAtomic(modelPath, bytes);
-  return { modelPath, weightsPath: path.join(dir, WEIGHTS_FILE), weightsReused };
+  return { modelPath, weightsPath: path.join(dir, WEIGHTS_FILE), weightsReused, params: layout.params };
 }

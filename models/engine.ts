@@ -32,6 +32,17 @@ import * as fs from 'node:fs';
 import { buildUnetMapsGraph, buildUnetNtXentVjpGraph, buildUnetVjpGraph, NTXENT_LOSS_OUTPUT, UNET_VJP_DEFAULT_LEVEL } from './networks/unet-vjp.ts';
 import { NTXENT_INPUTS } from './networks/ntxent-graph.ts';
 import { cotangentInput, gradientOutput } from './onnx/vjp.ts';
+import { hoistBankWeights, widenedWeight, type HoistedWeight } from './onnx/hoist-weights.ts';
+
+/** Bank sessions whose widened weights the host feeds (see `hoistBankWeights`). */
+interface Hoist {
+  readonly weightsPath: string;
+  readonly params: Readonly<Record<string, { readonly offset: number; readonly length: number }>>;
+  readonly hoisted: readonly HoistedWeight[];
+}
+
+/** Stacks whose bank inputs (and widened weights) the engine keeps, per component: the most recent ones. */
+const BANK_FEEDS_KEPT = 2;
 
 export type GraphKind = 'text_encoder' | 'unet' | 'vae_decoder' | 'vae_encoder';
 
@@ -45,6 +56,11 @@ export interface EngineOptions extends OpenModelOptions {
   readonly forcePrecision?: boolean;
   readonly cacheDir?: string;
   readonly threads?: number;
+  /**
+   * CPU, fp32: feed the bank layers' widened weights `[Wᵀ ; up]` as inputs built once per stack
+   * instead of concatenating them in the graph at every call (`onnx/hoist-weights.ts`; default true).
+   */
+  readonly hoistBankWeights?: boolean;
 }
 
 export interface UnetVariant {
@@ -269,6 +285,77 @@ export class Sd15Engine {
     this.#resident = options.residentInputs !== false;
     this.cacheDir = options.cacheDir ?? defaultCacheDir();
     this.#threads = options.threads;
+    this.#hoistWeights = options.hoistBankWeights !== false;
+  }
+
+  readonly #hoistWeights: boolean;
+  readonly #hoists = new WeakMap<OrtSession, Hoist>();
+  /** Widened weights per `up` feed (the `up` tensors live as long as their stack's bank feeds). */
+  readonly #widened = new WeakMap<Tensor, Tensor<'float32'>>();
+
+  /** The graph a bank session runs: on the CPU in fp32, with its weight Concats hoisted (see `hoistBankWeights`). */
+  #hoisting(graph: Graph, plan: DevicePlan): { graph: Graph; hoisted: readonly HoistedWeight[] } {
+    if (!this.#hoistWeights || plan.device !== 'cpu' || plan.precision.precision !== 'fp32') return { graph, hoisted: [] };
+    return hoistBankWeights(graph, (name) => name.startsWith('lora.') && name.endsWith('.up'));
+  }
+
+  /**
+   * For callers that run a bank session from `session()` themselves: `feeds` plus the widened
+   * weights the session reads instead of its weight Concats (CPU; see `hoistBankWeights`).
+   */
+  widenedFeeds(session: OrtSession, feeds: Readonly<Record<string, Tensor>>): Record<string, Tensor> {
+    const all = { ...feeds };
+    this.#widen(session, all);
+    return all;
+  }
+
+  /** Add the widened-weight feeds a hoisted session reads (built once per `up` tensor, from the session's weights file). */
+  #widen(session: OrtSession, feeds: Record<string, Tensor>): void {
+    const hoist = this.#hoists.get(session);
+    if (hoist === undefined) return;
+    let fd: number | undefined;
+    try {
+      for (const h of hoist.hoisted) {
+        const up = feeds[h.up];
+        if (up === undefined || up.dtype !== 'float32') throw new ModelError('SHAPE_MISMATCH', `the bank input ${h.up} is missing.`, { input: h.up });
+        let widened = this.#widened.get(up);
+        if (widened === undefined) {
+          const where = hoist.params[h.param.name];
+          if (where === undefined) throw new Error(`engine: ${h.param.name} is not in the weights file`);
+          fd ??= fs.openSync(hoist.weightsPath, 'r');
+          const base = new Float32Array(where.length / 4);
+          const bytes = new Uint8Array(base.buffer);
+          let done = 0;
+          while (done < bytes.length) {
+            const n = fs.readSync(fd, bytes, done, bytes.length - done, where.offset + done);
+            if (n === 0) throw new ModelError('RUNTIME', `${hoist.weightsPath} is shorter than its layout says; delete the cache folder to rebuild it.`, { file: hoist.weightsPath });
+            done += n;
+          }
+          const w = widenedWeight(h, base, up.data as Float32Array, up.shape);
+          widened = { dtype: 'float32', shape: w.shape, data: w.data };
+          this.#widened.set(up, widened);
+        }
+        feeds[h.input] = widened;
+      }
+    } finally {
+      if (fd !== undefined) fs.closeSync(fd);
+    }
+  }
+
+  /** The bank inputs of a stack for a component, built once and kept for the most recent stacks. */
+  #bankFeedsOf(kind: 'text_encoder' | 'unet', stack: AdapterStack): Record<string, Tensor> {
+    const cacheKey = `${kind}|${stack.id}`;
+    let feeds = this.#bankFeeds.get(cacheKey);
+    if (feeds === undefined) {
+      // Every bank layer of the full graph: variants that read fewer (families, shallow, maps-only) get a subset at run time.
+      feeds = bankFeeds(bankLayersOf(this.buildGraph(kind, { adapterBank: true })), kind, stack.entries);
+      const sameKind = [...this.#bankFeeds.keys()].filter((k) => k.startsWith(`${kind}|`));
+      if (sameKind.length >= BANK_FEEDS_KEPT) this.#bankFeeds.delete(sameKind[0]!);
+    } else {
+      this.#bankFeeds.delete(cacheKey);
+    }
+    this.#bankFeeds.set(cacheKey, feeds); // most recent last
+    return feeds;
   }
 
   /** Open a model (diffusers folder or single file). Sessions are created on first use. */
@@ -370,14 +457,17 @@ export class Sd15Engine {
   async #createSession(kind: GraphKind, variant: GraphVariant, patchIn: ParamPatch | undefined): Promise<OrtSession> {
     const plan = await this.plan();
     const patch = plan.precision.precision === 'fp16' ? fp16WeightsPatch(patchIn) : patchIn;
-    const graph = forDevice(this.buildGraph(kind, variant), plan.device);
+    const built = forDevice(this.buildGraph(kind, variant), plan.device);
+    const { graph, hoisted } = variant.adapterBank === true ? this.#hoisting(built, plan) : { graph: built, hoisted: [] };
     // Variants that use a subset of the weights (the shallow UNet, the maps-only UNet) share the full graph's weights file.
     const weightsGraph =
-      kind === 'unet' && variant.shallow === true ? this.buildGraph(kind, { ...variant, shallow: false }) : kind === 'unet' && variant.mapsOnly === true ? this.buildGraph('unet') : graph;
+      kind === 'unet' && variant.shallow === true ? this.buildGraph(kind, { ...variant, shallow: false }) : kind === 'unet' && variant.mapsOnly === true ? this.buildGraph('unet') : built;
     const bound = bindWeights(weightsGraph.params, this.model.weights(COMPONENT_OF[kind]));
     this.#reports.set(kind, bound.report);
     const prepared = prepareModelFiles(graph, bound, { cacheDir: this.cacheDir, component: kind, ...(patch === undefined ? {} : { patch }) });
-    return OrtSession.create(prepared.modelPath, { device: this.device, ...(this.#threads === undefined ? {} : { threads: this.#threads }) });
+    const session = await OrtSession.create(prepared.modelPath, { device: this.device, ...(this.#threads === undefined ? {} : { threads: this.#threads }) });
+    if (hoisted.length > 0) this.#hoists.set(session, { weightsPath: prepared.weightsPath, params: prepared.params, hoisted });
+    return session;
   }
 
   /**
@@ -409,14 +499,9 @@ export class Sd15Engine {
     const families = this.bankFamiliesOf(kind, adapters.stack);
     const bankVariant = { ...variant, adapterBank: true, ...(families === undefined ? {} : { bankFamilies: families }) };
     const session = await this.session(kind, bankVariant);
-    const cacheKey = `${kind}|${adapters.stack.id}`;
-    let feeds = this.#bankFeeds.get(cacheKey);
-    if (feeds === undefined) {
-      // Every bank layer of the full graph: variants that read fewer (shallow, maps-only) get a subset at run time.
-      feeds = bankFeeds(bankLayersOf(this.buildGraph(kind, { adapterBank: true })), component, adapters.stack.entries);
-      this.#bankFeeds.set(cacheKey, feeds);
-    }
-    return { session, feeds: { ...feeds, [LORA_MIX_INPUT]: mixTensor(adapters.mix, K) } };
+    const feeds: Record<string, Tensor> = { ...this.#bankFeedsOf(component, adapters.stack), [LORA_MIX_INPUT]: mixTensor(adapters.mix, K) };
+    this.#widen(session, feeds);
+    return { session, feeds };
   }
 
   readonly #bankModules = new Map<string, ReadonlySet<string>>();
@@ -623,11 +708,14 @@ export class Sd15Engine {
     if (pending === undefined) {
       pending = (async () => {
         const built = ntxent === undefined ? buildUnetVjpGraph(c, options) : buildUnetNtXentVjpGraph(c, { ...options, temperature: ntxent.temperature, noisePred: ntxent.noisePred === true });
-        const graph = forDevice(built, (await this.plan()).device);
+        const plan = await this.plan();
+        const { graph, hoisted } = bank ? this.#hoisting(forDevice(built, plan.device), plan) : { graph: forDevice(built, plan.device), hoisted: [] };
         // Bound against the plain UNet's parameters, so the VJP graph shares its weights file.
         const bound = bindWeights(this.buildGraph('unet').params, this.model.weights('unet'));
         const prepared = prepareModelFiles(graph, bound, { cacheDir: this.cacheDir, component: 'unet', ...(patch === undefined ? {} : { patch }) });
-        return OrtSession.create(prepared.modelPath, { device: this.device, ...(this.#threads === undefined ? {} : { threads: this.#threads }) });
+        const session = await OrtSession.create(prepared.modelPath, { device: this.device, ...(this.#threads === undefined ? {} : { threads: this.#threads }) });
+        if (hoisted.length > 0) this.#hoists.set(session, { weightsPath: prepared.weightsPath, params: prepared.params, hoisted });
+        return session;
       })();
       this.#sessions.set(key, pending);
       pending.catch(() => this.#sessions.delete(key));
@@ -658,14 +746,9 @@ export class Sd15Engine {
       if (adapters.mix.length !== batch || adapters.mix.some((row) => row.length !== K)) {
         throw new ModelError('SHAPE_MISMATCH', `the LoRA mix must have one row of ${K} strengths per batch element (${batch}); got ${adapters.mix.length} rows.`, { input: LORA_MIX_INPUT });
       }
-      const cacheKey = `unet|${adapters.stack.id}`;
-      let all = this.#bankFeeds.get(cacheKey);
-      if (all === undefined) {
-        all = bankFeeds(bankLayersOf(this.buildGraph('unet', { adapterBank: true })), 'unet', adapters.stack.entries);
-        this.#bankFeeds.set(cacheKey, all);
-      }
-      for (const [name, value] of Object.entries(all)) feeds[name] = value;
+      for (const [name, value] of Object.entries(this.#bankFeedsOf('unet', adapters.stack))) feeds[name] = value;
       feeds[LORA_MIX_INPUT] = mixTensor(adapters.mix, K);
+      this.#widen(session, feeds);
     }
     Object.assign(feeds, regionFeeds);
     // The VJP graph reads only the inputs of the layers before the cut.

@@ -80,7 +80,7 @@ describe('LoRAs through the engine match the reference', () => {
     const bankSession = await engine.session('unet', { adapterBank: true });
     const zeroFeeds = bankFeeds(bankLayersOf(engine.buildGraph('unet', { adapterBank: true })), 'unet', []);
     assert.ok(Object.keys(zeroFeeds).length > 100, 'the bank graph has adapter inputs');
-    const onBank = await bankSession.run({ ...zeroFeeds, [LORA_MIX_INPUT]: mixTensor([[]], 0), sample, timestep, encoder_hidden_states: ctx }, ['noise_pred']);
+    const onBank = await bankSession.run(engine.widenedFeeds(bankSession, { ...zeroFeeds, [LORA_MIX_INPUT]: mixTensor([[]], 0), sample, timestep, encoder_hidden_states: ctx }), ['noise_pred']);
     assertClose(onBank.noise_pred!.data as Float32Array, plain.noise_pred!.data, 1e-6, 'bank graph with K = 0');
     const bankZero = await engine.runUnet(
       { sample, timestep, encoderHiddenStates: ctx },
@@ -111,7 +111,7 @@ describe('LoRAs through the engine match the reference', () => {
     const viaEngine = await engine.runUnet({ sample, timestep, encoderHiddenStates: ctx }, {}, { mode: 'bank', stack: onlyA, mix: [[0.8]] });
     const full = await engine.session('unet', { adapterBank: true });
     const feeds = bankFeeds(bankLayersOf(engine.buildGraph('unet', { adapterBank: true })), 'unet', onlyA.entries);
-    const onFull = await full.run({ ...feeds, [LORA_MIX_INPUT]: mixTensor([[0.8]], 1), sample, timestep, encoder_hidden_states: ctx }, ['noise_pred']);
+    const onFull = await full.run(engine.widenedFeeds(full, { ...feeds, [LORA_MIX_INPUT]: mixTensor([[0.8]], 1), sample, timestep, encoder_hidden_states: ctx }), ['noise_pred']);
     assertClose(viaEngine.noise_pred!.data, onFull.noise_pred!.data as Float32Array, 1e-6, 'family-restricted vs full bank graph');
     // A stack with no text-encoder module gets a text-encoder bank graph without adapter layers.
     const unetOnly = new AdapterStack([{ ...entry(a), modules: a.modules.filter((m) => m.component === 'unet') }]);
@@ -119,6 +119,34 @@ describe('LoRAs through the engine match the reference', () => {
     const te = await engine.encodeText(ids, { mode: 'bank', stack: unetOnly, mix: [[1], [1]] });
     const tePlain = await engine.encodeText(ids);
     assert.deepEqual(te.lastHiddenState.data, tePlain.lastHiddenState.data);
+  });
+
+  test('CPU bank sessions read widened weights fed by the host instead of concatenating them at every call', async () => {
+    const a = loaded.get('lora_kohya_a.safetensors')!;
+    const b = loaded.get('lora_kohya_b_locon.safetensors')!;
+    const stack = new AdapterStack([
+      { path: a.path, name: a.name, modules: a.modules, te: 0.8, unet: 0.8 },
+      { path: b.path, name: b.name, modules: b.modules, te: 0.6, unet: 0.6 },
+    ]);
+    const families = engine.bankFamiliesOf('unet', stack);
+    const session = await engine.session('unet', { adapterBank: true, ...(families === undefined ? {} : { bankFamilies: families }) });
+    const widened = session.inputNames.filter((n) => n.endsWith('.up.widened'));
+    assert.ok(widened.some((n) => n.includes('.to_q.')), 'linear layers (rows appended)');
+    assert.ok(widened.some((n) => n.includes('conv_shortcut') || n.includes('proj_in')), '1×1 convs (input channels appended)');
+    const concatInGraph = Sd15Engine.open(MODEL, { device: 'cpu', cacheDir, hoistBankWeights: false });
+    try {
+      const plainSession = await concatInGraph.session('unet', { adapterBank: true, ...(families === undefined ? {} : { bankFamilies: families }) });
+      assert.equal(plainSession.inputNames.filter((n) => n.endsWith('.widened')).length, 0);
+      const use: AdapterUse = { mode: 'bank', stack, mix: [[0.8, 0.6]] };
+      const hoisted = await engine.runUnet({ sample, timestep, encoderHiddenStates: ctx }, {}, use);
+      const inGraph = await concatInGraph.runUnet({ sample, timestep, encoderHiddenStates: ctx }, {}, use);
+      assertClose(hoisted.noise_pred!.data, inGraph.noise_pred!.data, 1e-6, 'hoisted vs in-graph Concat');
+      const teHoisted = await engine.encodeText(ids, { mode: 'bank', stack, mix: [[0.8, 0.6], [0.8, 0.6]] });
+      const teInGraph = await concatInGraph.encodeText(ids, { mode: 'bank', stack, mix: [[0.8, 0.6], [0.8, 0.6]] });
+      assertClose(teHoisted.lastHiddenState.data, teInGraph.lastHiddenState.data, 1e-6, 'text encoder, hoisted vs in-graph Concat');
+    } finally {
+      await concatInGraph.dispose();
+    }
   });
 
   test('a heterogeneous batch (a different LoRA per element) equals the single calls', async () => {
