@@ -73,6 +73,9 @@ async function interleaved(phase: string, forwards: ReadonlyArray<[string, Forwa
     for (let i = 0; i < Math.max(1, warmup); i++) outs.set(label, await fn());
     log(`${phase} ${label}: session + warm-up ${((performance.now() - t0) / 1000).toFixed(1)} s`);
   }
+  // One untimed interleaved round: the first round after the warm-ups ran 2.5× slower for some
+  // variants (their sessions' memory paged back in after the others were built and run).
+  for (const [label, fn] of forwards) outs.set(label, await fn());
   for (let round = 0; round < runs; round++) {
     // The order rotates every round, so a drift within a round favours no variant.
     for (let i = 0; i < forwards.length; i++) {
