@@ -149,7 +149,7 @@ export class AdapterStack {
   }
 }
 
-function fileIdentity(file: string): string {
+export function fileIdentity(file: string): string {
   try {
     const st = fs.statSync(file);
     return `${fs.realpathSync(file)}|${st.size}|${st.mtimeMs}`;
@@ -422,14 +422,30 @@ export class Sd15Engine {
    * weights are patched before they are stored (merged LoRAs).
    */
   session(kind: GraphKind, variant: GraphVariant = {}, patch?: ParamPatch): Promise<OrtSession> {
-    const key = `${kind}|${JSON.stringify(variant)}|${patch?.key ?? ''}`;
+    const base = `${kind}|${JSON.stringify(variant)}|`;
+    const key = `${base}${patch?.key ?? ''}`;
     let s = this.#sessions.get(key);
     if (s === undefined) {
+      if (patch !== undefined) this.#retireMerged(base);
       s = this.#createSession(kind, variant, patch);
       this.#sessions.set(key, s);
       s.catch(() => this.#sessions.delete(key));
     }
     return s;
+  }
+
+  /**
+   * A merged-weights session is built per stack (its weights are the stack's); a new stack's session
+   * supersedes the other merged sessions of the same graph variant, which are disposed once idle.
+   * Without this, a queue of jobs with different merged stacks held one full copy of the weights per
+   * stack (3.4 GB each for SD 1.5) until the process ran out of memory.
+   */
+  #retireMerged(prefix: string): void {
+    for (const [key, pending] of [...this.#sessions]) {
+      if (!key.startsWith(prefix) || key === prefix) continue;
+      this.#sessions.delete(key);
+      pending.then((s) => s.retire()).catch(() => undefined);
+    }
   }
 
   /**

@@ -279,8 +279,36 @@ export class OrtSession {
     throw new ModelError('RUNTIME', `${where}: no execution provider could create a session: ${tried.map((t) => `${t.device}: ${t.error}`).join('; ')}`, { tried });
   }
 
+  #inFlight = 0;
+  #retired = false;
+
+  /** False once disposed (directly, or after `retire` when its last run ended). */
+  get alive(): boolean {
+    return this.#session !== undefined;
+  }
+
+  /**
+   * Dispose as soon as no run is in flight: now when idle, else when the last running call returns.
+   * For an owner dropping a session others may still be running on (a superseded merged variant).
+   */
+  async retire(): Promise<void> {
+    this.#retired = true;
+    if (this.#inFlight === 0) await this.dispose();
+  }
+
   /** Run; `fetch` limits the outputs computed. */
   async run(feeds: Readonly<Record<string, Tensor>>, fetch?: readonly string[], options: RunOptions = {}): Promise<Record<string, Tensor>> {
+    if (this.#session === undefined) throw new Error('OrtSession.run after dispose');
+    this.#inFlight++;
+    try {
+      return await this.#run(feeds, fetch, options);
+    } finally {
+      this.#inFlight--;
+      if (this.#retired && this.#inFlight === 0) await this.dispose();
+    }
+  }
+
+  async #run(feeds: Readonly<Record<string, Tensor>>, fetch: readonly string[] | undefined, options: RunOptions): Promise<Record<string, Tensor>> {
     const session = this.#session;
     if (session === undefined) throw new Error('OrtSession.run after dispose');
     const ortFeeds: Record<string, ort.Tensor> = {};
@@ -293,7 +321,7 @@ export class OrtSession {
       const message = (e as Error).message;
       if (this.#choice.device === 'cpu' || !GPU_RUN_FAILURE.test(message)) throw new ModelError('RUNTIME', `inference failed: ${message}`, { inputs: Object.keys(feeds).length });
       await this.#fallBackToCpu(message);
-      return this.run(feeds, fetch, options);
+      return this.#run(feeds, fetch, options);
     }
     const out: Record<string, Tensor> = {};
     for (const [k, v] of Object.entries(results)) out[k] = fromOrt(v);

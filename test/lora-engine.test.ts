@@ -12,6 +12,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { AdapterStack, Sd15Engine, openSafetensors, type AdapterUse, type LoadedLora, type Tensor } from '../models/index.ts';
 import { bankFeeds, mixTensor } from '../models/lora/bank.ts';
+import { mergePatch } from '../models/lora/merge.ts';
+import { fileIdentity } from '../models/engine.ts';
 import { LORA_MIX_INPUT, bankFamily, bankLayersOf } from '../models/networks/adapter-bank.ts';
 import { FIXTURES, REF, assertClose, refCases } from './fixtures.ts';
 
@@ -147,6 +149,29 @@ describe('LoRAs through the engine match the reference', () => {
     } finally {
       await concatInGraph.dispose();
     }
+  });
+
+  test('a merged stack supersedes the previous merged session (disposed once its runs end), not the plain one', async () => {
+    const a = loaded.get('lora_kohya_a.safetensors')!;
+    const p = loaded.get('lora_peft.safetensors')!;
+    const stackA = new AdapterStack([{ path: a.path, name: a.name, modules: a.modules, te: 1, unet: 1 }]);
+    const stackP = new AdapterStack([{ path: p.path, name: p.name, modules: p.modules, te: 1, unet: 1 }]);
+    const input = { sample, timestep, encoderHiddenStates: ctx };
+    const plainSession = await engine.session('unet');
+    const first = await engine.runUnet(input, {}, { mode: 'merged', stack: stackA });
+    const sessionA = await engine.session('unet', {}, mergePatch('unet', [{ identity: fileIdentity(a.path), name: a.name, modules: a.modules, strength: 1 }]));
+    assert.ok(sessionA.alive);
+    // A run in flight on A when P's session is requested: it completes, then A is disposed.
+    const running = sessionA.run({ sample, timestep, encoder_hidden_states: ctx }, ['noise_pred']);
+    const other = await engine.runUnet(input, {}, { mode: 'merged', stack: stackP });
+    assertClose((await running).noise_pred!.data as Float32Array, first.noise_pred!.data, 0, 'the run in flight on the superseded session');
+    assert.equal(sessionA.alive, false, 'the superseded merged session is disposed');
+    assert.ok(plainSession.alive, 'the plain session stays');
+    const peftCase = cases.find((c) => c.id.includes('peft'))!;
+    assertClose(other.noise_pred!.data, ref.readFloat32(peftCase.outputs.noise_pred!.key).data, peftCase.tolerance.atol!, 'the new merged session');
+    // Back to A: rebuilt (its weights file is cached), same output.
+    const again = await engine.runUnet(input, {}, { mode: 'merged', stack: stackA });
+    assertClose(again.noise_pred!.data, first.noise_pred!.data, 0, 'A rebuilt');
   });
 
   test('a heterogeneous batch (a different LoRA per element) equals the single calls', async () => {
