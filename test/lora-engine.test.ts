@@ -43,6 +43,12 @@ describe('LoRAs through the engine match the reference', () => {
     await engine.dispose();
   });
 
+  /** A loaded fixture LoRA as a stack entry at one strength for both components. */
+  const entryOf = (file: string, strength = 1) => {
+    const l = loaded.get(file)!;
+    return { path: l.path, name: l.name, modules: l.modules, te: strength, unet: strength };
+  };
+
   const stackOf = (c: (typeof cases)[number]) =>
     new AdapterStack(
       (c.loras as Array<{ file: string; multiplier: number }>).map((l) => {
@@ -124,12 +130,7 @@ describe('LoRAs through the engine match the reference', () => {
   });
 
   test('CPU bank sessions read widened weights fed by the host instead of concatenating them at every call', async () => {
-    const a = loaded.get('lora_kohya_a.safetensors')!;
-    const b = loaded.get('lora_kohya_b_locon.safetensors')!;
-    const stack = new AdapterStack([
-      { path: a.path, name: a.name, modules: a.modules, te: 0.8, unet: 0.8 },
-      { path: b.path, name: b.name, modules: b.modules, te: 0.6, unet: 0.6 },
-    ]);
+    const stack = new AdapterStack([entryOf('lora_kohya_a.safetensors', 0.8), entryOf('lora_kohya_b_locon.safetensors', 0.6)]);
     const families = engine.bankFamiliesOf('unet', stack);
     const session = await engine.session('unet', { adapterBank: true, ...(families === undefined ? {} : { bankFamilies: families }) });
     const widened = session.inputNames.filter((n) => n.endsWith('.up.widened'));
@@ -175,12 +176,7 @@ describe('LoRAs through the engine match the reference', () => {
   });
 
   test('a heterogeneous batch (a different LoRA per element) equals the single calls', async () => {
-    const a = loaded.get('lora_kohya_a.safetensors')!;
-    const b = loaded.get('lora_kohya_b_locon.safetensors')!;
-    const stack = new AdapterStack([
-      { path: a.path, name: a.name, modules: a.modules, te: 1, unet: 1 },
-      { path: b.path, name: b.name, modules: b.modules, te: 1, unet: 1 },
-    ]);
+    const stack = new AdapterStack([entryOf('lora_kohya_a.safetensors'), entryOf('lora_kohya_b_locon.safetensors')]);
     const two = (t: Tensor<'float32'>): Tensor<'float32'> => ({ dtype: 'float32', shape: [2, ...t.shape.slice(1)], data: Float32Array.from([...t.data, ...t.data]) });
     const batched = await engine.runUnet({ sample: two(sample), timestep, encoderHiddenStates: two(ctx) }, {}, { mode: 'bank', stack, mix: [[0.9, 0], [0, 0.7]] });
     const onlyA = await engine.runUnet({ sample, timestep, encoderHiddenStates: ctx }, {}, { mode: 'bank', stack, mix: [[0.9, 0]] });
