@@ -61,6 +61,11 @@ export interface EngineOptions extends OpenModelOptions {
    * instead of concatenating them in the graph at every call (`onnx/hoist-weights.ts`; default true).
    */
   readonly hoistBankWeights?: boolean;
+  /**
+   * Gradient (VJP) graphs recompute the level-0 self-attention probabilities in the backward, one
+   * head at a time, instead of keeping them from the forward (`onnx/vjp-attention.ts`; default true).
+   */
+  readonly recomputeAttention?: boolean;
 }
 
 export interface UnetVariant {
@@ -286,9 +291,11 @@ export class Sd15Engine {
     this.cacheDir = options.cacheDir ?? defaultCacheDir();
     this.#threads = options.threads;
     this.#hoistWeights = options.hoistBankWeights !== false;
+    this.#recomputeAttention = options.recomputeAttention !== false;
   }
 
   readonly #hoistWeights: boolean;
+  readonly #recomputeAttention: boolean;
   readonly #hoists = new WeakMap<OrtSession, Hoist>();
   /** Widened weights per `up` feed (the `up` tensors live as long as their stack's bank feeds). */
   readonly #widened = new WeakMap<Tensor, Tensor<'float32'>>();
@@ -716,6 +723,7 @@ export class Sd15Engine {
       adapterBank: bank,
       ...(families === undefined ? {} : { bankFamilies: families }),
       debugGradients: variant.debugGradients === true,
+      recomputeAttention: this.#recomputeAttention,
       ...(variant.regions === true ? { regions: true, selfAttentionIsolation: variant.selfAttentionIsolation === true, regionOutputAdapters: variant.regionOutputAdapters === true } : {}),
     };
     const ntxent = variant.ntxent;

@@ -81,6 +81,8 @@ interface RuleCase {
   readonly build: (g: Ops, x: Readonly<Record<string, Value>>) => Value;
   /** Adapter-bank graphs are built with these module prefixes. */
   readonly bank?: readonly string[];
+  /** Attention cores recomputed in this many head groups (`VjpOptions.recomputeAttention`). */
+  readonly recomputeGroups?: number;
 }
 
 const numel = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1);
@@ -120,7 +122,13 @@ const dot = (a: ArrayLike<number>, b: ArrayLike<number>) => {
 async function checkRule(c: RuleCase, seed: number): Promise<number> {
   const forward = buildForward(c);
   const wrt = Object.keys(c.inputs)[0]!;
-  const vjp = buildVjpGraph(forward, { outputs: ['y'], wrt });
+  const vjp = buildVjpGraph(forward, { outputs: ['y'], wrt, ...(c.recomputeGroups === undefined ? {} : { recomputeAttention: () => c.recomputeGroups }) });
+  if (c.recomputeGroups !== undefined) {
+    // The core was matched: one recomputed softmax per head group, none of the per-op softmax rule.
+    const softmaxes = vjp.nodes.filter((n) => n.opType === 'Softmax');
+    assert.equal(softmaxes.length, 1 + c.recomputeGroups, `${c.name}: forward softmax + one per head group`);
+    assert.ok(!vjp.nodes.some((n) => n.name.startsWith('grad.') && n.name.includes('Softmax/') && !n.name.includes('/recompute')), `${c.name}: no per-op softmax rule`);
+  }
   const normal = normalSource(seed);
   const feeds: Record<string, Tensor> = {};
   for (const [name, spec] of Object.entries({ ...c.inputs, ...c.feeds })) feeds[name] = sample(spec, normal);
@@ -271,6 +279,34 @@ const CASES: RuleCase[] = [
       const q = split(g.matmul(x!, c([8, 8], 51)(g)), [0, 2, 1, 3]);
       const k = split(g.matmul(x!, c([8, 8], 52)(g)), [0, 2, 3, 1]);
       const v = split(g.matmul(x!, c([8, 8], 53)(g)), [0, 2, 1, 3]);
+      const p = g.softmax(g.mul(g.matmul(q, k), g.scalar(0.5)), { dim: -1 });
+      return g.reshape(g.transpose(g.matmul(p, v), [0, 2, 1, 3]), [0, 0, 8]);
+    },
+  },
+  ...[1, 2, 3].map((groups): RuleCase => ({
+    name: `attention core recomputed in the backward, ${groups} head group(s) of 3 heads, with a score bias`,
+    inputs: { x: { shape: [2, 5, 6], dims: ['b', 'n', 6] } },
+    recomputeGroups: groups,
+    build: (g, { x }) => {
+      const split = (v: Value, perm: number[]) => g.transpose(g.reshape(v, [0, 0, 3, 2]), perm);
+      const q = split(g.matmul(x!, c([6, 6], 62)(g)), [0, 2, 1, 3]);
+      const k = split(g.matmul(x!, c([6, 6], 63)(g)), [0, 2, 3, 1]);
+      const v = split(g.matmul(x!, c([6, 6], 64)(g)), [0, 2, 1, 3]);
+      const scores = g.add(g.mul(g.matmul(q, k), g.scalar(0.7)), c([1, 1, 5, 5], 65)(g)); // bias shared by the heads
+      const p = g.softmax(scores, { dim: -1 });
+      return g.mul(g.reshape(g.transpose(g.matmul(p, v), [0, 2, 1, 3]), [0, 0, 6]), c([6], 66)(g));
+    },
+  })),
+  {
+    name: 'attention core recomputed, 2 of 4 heads per group, no bias (cross-attention: keys and values constant)',
+    inputs: { x: { shape: [2, 5, 8] } },
+    recomputeGroups: 2,
+    build: (g, { x }) => {
+      const split = (v: Value, perm: number[]) => g.transpose(g.reshape(v, [0, 0, 4, 2]), perm);
+      const ctx = c([2, 3, 8], 67)(g);
+      const q = split(g.matmul(x!, c([8, 8], 68)(g)), [0, 2, 1, 3]);
+      const k = split(g.matmul(ctx, c([8, 8], 69)(g)), [0, 2, 3, 1]);
+      const v = split(g.matmul(ctx, c([8, 8], 70)(g)), [0, 2, 1, 3]);
       const p = g.softmax(g.mul(g.matmul(q, k), g.scalar(0.5)), { dim: -1 });
       return g.reshape(g.transpose(g.matmul(p, v), [0, 2, 1, 3]), [0, 0, 8]);
     },

@@ -151,6 +151,29 @@ describe('UNet VJP matches the reference gradients (tiny-sd15-ref vjp/*)', () =>
     assert.deepEqual(again.gradSample.data, first.gradSample.data);
   });
 
+  test('the level-0 self-attention backward with recomputed probabilities equals the per-op rules', async (t) => {
+    // The engine recomputes by default (the reference cases above run that path); here the same
+    // cases through an engine that keeps the probabilities, with a LoRA in the bank and batch 2.
+    const keep = Sd15Engine.open(MODEL, { device: 'cpu', cacheDir, recomputeAttention: false });
+    try {
+      const stack = new AdapterStack([{ path: lora.path, name: lora.name, modules: lora.modules, te: 1, unet: 1 }]);
+      const diffs: string[] = [];
+      for (const c of cases.filter((k) => k.id === 'vjp/b2_t800_cfg' || k.id === 'vjp/b1_t500')) {
+        const { unet, cotangents } = inputsOf(c);
+        const batch = unet.sample.shape[0]!;
+        const adapters: AdapterUse = { mode: 'bank', stack, mix: Array.from({ length: batch }, () => stack.strengths('unet')) };
+        const a = await engine.runUnetVjp(unet, cotangents, adapters);
+        const b = await keep.runUnetVjp(unet, cotangents, adapters);
+        const scale = Math.max(...b.gradSample.data.map(Math.abs));
+        diffs.push(`${c.id} ${assertClose(a.gradSample.data, b.gradSample.data, 1e-5 * scale, `${c.id}: recomputed vs kept probabilities`).toExponential(2)} (max |grad| ${scale.toExponential(2)})`);
+        assert.deepEqual(a.xattn.data, b.xattn.data, 'the forward is the same graph');
+      }
+      t.diagnostic(`max |diff| of grad_sample: ${diffs.join(', ')}`);
+    } finally {
+      await keep.dispose();
+    }
+  });
+
   test('rejects cotangents of the wrong shape, naming the input', async () => {
     const { unet, cotangents } = inputsOf(cases[0]!);
     const bad = { ...cotangents, selfattn: { ...cotangents.selfattn, shape: [1, 64, 77] } };
@@ -211,6 +234,25 @@ describe('UNet VJP graph', () => {
     const grads = (g: Graph) => names(g).filter((n) => n.startsWith('grad.'));
     assert.deepEqual(grads(full), grads(truncated));
     assert.ok(!grads(full).some((n) => n.startsWith('grad.up_blocks.2') || n.startsWith('grad.conv_out')));
+  });
+
+  test('recomputeAttention: the level-0 self-attention cores recompute their probabilities per head', () => {
+    const config = tinyUnet();
+    const g = buildUnetVjpGraph(config, { level: 2, recomputeAttention: true });
+    const kept = plain();
+    const softmaxes = (graph: Graph) => graph.nodes.filter((n) => n.opType === 'Softmax').map((n) => n.name);
+    const level0 = ['down_blocks.0.attentions.0', 'down_blocks.0.attentions.1'].map((b) => `${b}.transformer_blocks.0.attn1/Softmax`);
+    const heads = config.numAttentionHeads[0]!;
+    // The forward's softmaxes, plus one per head of each level-0 self-attention layer on the path.
+    assert.equal(softmaxes(g).length, softmaxes(kept).filter((n) => !n.startsWith('grad.')).length + level0.length * heads);
+    for (const name of level0) {
+      assert.equal(softmaxes(g).filter((n) => n.startsWith(`grad.${name}/recompute/`)).length, heads, `${name}: one recomputed softmax per head`);
+      assert.ok(!g.nodes.some((n) => n.name.startsWith(`grad.${name}/Mul`)), `${name}: no per-op softmax rule`);
+      assert.ok(kept.nodes.some((n) => n.name.startsWith(`grad.${name}/Mul`)), `${name}: the per-op rule without the option`);
+    }
+    // Other cores keep the per-op rules (level 1, and the tapped level-2 maps).
+    assert.ok(g.nodes.some((n) => n.name.startsWith('grad.down_blocks.1.attentions.0.transformer_blocks.0.attn1/Softmax/Mul')));
+    assert.ok(g.nodes.some((n) => n.name.startsWith('grad.down_blocks.2.attentions.0.transformer_blocks.0.attn1/Softmax/Mul')));
   });
 
   test('with the adapter bank, reads the LoRA inputs of the layers before the cut only', () => {

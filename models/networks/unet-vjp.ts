@@ -19,6 +19,7 @@ import type { Graph } from '../onnx/builder.ts';
 import { appendGraph } from '../onnx/compose.ts';
 import { Ops } from '../onnx/ops.ts';
 import { buildVjpGraph, pruneGraph } from '../onnx/vjp.ts';
+import type { RecomputeAttention } from '../onnx/vjp-attention.ts';
 import { ntXentLossGraph } from './ntxent-graph.ts';
 import { buildUnetGraph } from './unet.ts';
 import type { UnetConfig } from './config.ts';
@@ -50,6 +51,23 @@ export interface UnetVjpOptions {
    * block and the up blocks below `level` (after their upsampler), as the reference fixtures store them.
    */
   readonly debugGradients?: boolean;
+  /**
+   * The level-0 self-attention cores get the recomputing backward (`onnx/vjp-attention.ts`), one
+   * head at a time: their probabilities (SD 1.5 at 512²: 8 × 4096² floats per layer and sample) are
+   * not kept from the forward, and the softmax backward's transients are one head's. Default off.
+   */
+  readonly recomputeAttention?: boolean;
+}
+
+/** The recompute policy of `UnetVjpOptions.recomputeAttention`: level-0 attn1 cores, per head. */
+function levelZeroSelfAttention(config: UnetConfig): RecomputeAttention {
+  const levels = config.blockOutChannels.length;
+  return (softmaxNode) => {
+    const m = /^(down|up)_blocks\.(\d+)\..*\.attn1\//.exec(softmaxNode);
+    if (m === null) return undefined;
+    const level = m[1] === 'down' ? Number(m[2]) : levels - 1 - Number(m[2]);
+    return level === 0 ? Number.MAX_SAFE_INTEGER : undefined; // clamped to the head count
+  };
 }
 
 function forwardGraph(config: UnetConfig, options: UnetVjpOptions): Graph {
@@ -99,6 +117,7 @@ export function buildUnetNtXentVjpGraph(config: UnetConfig, options: UnetVjpOpti
     wrt: 'sample',
     broadcastsInto: [['timestep_batch', 'batch']],
     ...(full ? { passThrough: ['noise_pred'] } : {}),
+    ...(options.recomputeAttention === true ? { recomputeAttention: levelZeroSelfAttention(config) } : {}),
   });
 }
 
@@ -117,6 +136,7 @@ export function buildUnetVjpGraph(config: UnetConfig, options: UnetVjpOptions): 
     // The engine accepts 1 or B timesteps, so the time embedding never broadcasts the feature maps.
     broadcastsInto: [['timestep_batch', 'batch']],
     probes,
+    ...(options.recomputeAttention === true ? { recomputeAttention: levelZeroSelfAttention(config) } : {}),
   });
 }
 

@@ -27,6 +27,7 @@ import type { DType } from '../tensor.ts';
 import type { AttrValue, ConstantDecl, Dim, Graph, IoDecl, NodeDecl, Value } from './builder.ts';
 import { ONNX_DTYPE, Ops } from './ops.ts';
 import { NON_DIFFERENTIABLE, VJP_RULES, isFloatDtype, type RuleContext } from './vjp-rules.ts';
+import { attentionCoreBackward, findAttentionCores, type RecomputeAttention } from './vjp-attention.ts';
 
 /** The cotangent input of forward output `output`. */
 export const cotangentInput = (output: string): string => `cot.${output}`;
@@ -54,6 +55,14 @@ export interface VjpOptions {
    * pass then computes them and the gradient, sharing the forward values they have in common.
    */
   readonly passThrough?: readonly string[];
+  /**
+   * Attention cores (`MatMul(q, kᵀ) → Mul(scale) [→ Add(bias)] → Softmax → MatMul(·, v)`) whose
+   * probabilities feed only their output product get a backward that recomputes the probabilities
+   * per head group instead of keeping them (`vjp-attention.ts`). Called per core with the Softmax
+   * node's name and the probabilities' inferred shape; returns the number of head groups, or
+   * undefined to keep the per-op rules for that core. Default: per-op rules everywhere.
+   */
+  readonly recomputeAttention?: RecomputeAttention;
 }
 
 /** The node types that have a VJP rule. */
@@ -113,6 +122,18 @@ export function buildVjpGraph(forward: Graph, options: VjpOptions): Graph {
     throw new ModelError('GRAPH_BUILD', `VJP of ${forward.name}: no VJP rule for ${list} on the path from ${wrt} to ${options.outputs.join(', ')}`, { ops: [...firsts.keys()] });
   }
 
+  const cores = options.recomputeAttention === undefined
+    ? new Map()
+    : findAttentionCores({
+        graph: forward,
+        kept,
+        exposed: new Set([...options.outputs, ...passThrough, ...(options.probes ?? []).map(([, v]) => v)]),
+        active,
+        shape: (v) => facts.get(v)?.shape,
+        constants: new Map(forward.constants.map((c) => [c.name, c])),
+        choose: options.recomputeAttention,
+      });
+
   const g = new Ops(`${forward.name}.vjp`);
   // Register the forward constants first so they keep their names; new ones follow.
   for (const c of forward.constants) {
@@ -145,6 +166,18 @@ export function buildVjpGraph(forward: Graph, options: VjpOptions): Graph {
     const node = forward.nodes[index]!;
     const cots = node.outputs.map((o) => (o === '' ? undefined : total(o)));
     if (cots.every((c) => c === undefined)) continue; // nothing downstream reached the loss
+    const core = cores.get(index);
+    if (core !== undefined) {
+      // The whole core's backward at its output product; its inner values get no cotangent, so
+      // their nodes are skipped by the check above.
+      const grads = g.scope(`grad.${core.softmaxName}/recompute`, () => attentionCoreBackward(g, core, cots[0]!, { q: active.has(core.q), kt: active.has(core.kt), v: active.has(core.v) }));
+      for (const [input, grad] of [[core.q, grads.q], [core.kt, grads.kt], [core.v, grads.v]] as const) {
+        if (grad === undefined) continue;
+        if (totals.has(input)) throw new Error(`buildVjpGraph: ${input} received a gradient after its total was formed (graph not in topological order?)`);
+        contributions.set(input, [...(contributions.get(input) ?? []), grad]);
+      }
+      continue;
+    }
     const grads = g.scope(`grad.${node.name}`, () => VJP_RULES[node.opType]!(ruleContext(g, node, cots, active, facts, constants, zerosLike)));
     node.inputs.forEach((input, i) => {
       const grad = grads[i];

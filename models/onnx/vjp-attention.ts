@@ -1,0 +1,194 @@
+/**
+ * A memory-lean backward for attention cores (used by `buildVjpGraph` with `recomputeAttention`).
+ *
+ * The per-op rules differentiate `O = softmax(s·Q·Kᵀ [+ bias])·V` node by node: the backward keeps
+ * the probabilities P of the forward (B, h, N, M) until it reaches them, and the softmax rule makes
+ * four more tensors of that size (dP, dP⊙P, dP − rowsum, dS). For SD 1.5's level-0 self-attention at
+ * 512² that is 537 MB per tensor and sample, ≈ 6 GiB per sample at the peak of a VJP pass.
+ *
+ * This rule keeps only Q, Kᵀ, V and O (N·d-sized) and, in the backward, per group of heads:
+ *
+ *   P  = softmax(s·Q·Kᵀ [+ bias])          recomputed
+ *   V̄  = Pᵀ·Ō,   dP = Ō·Vᵀ
+ *   S̄  = P ⊙ (dP − D)   with D = rowsum(Ō ⊙ O) = rowsum(dP ⊙ P)   (O = P·V; FlashAttention's identity)
+ *   Q̄  = s·S̄·K,  K̄ᵀ = s·Qᵀ·S̄
+ *
+ * so the peak holds one head group's N×M transients instead of every layer's P plus the softmax
+ * rule's. The cost is one more Q·Kᵀ and softmax per core (D replaces an N×M product by an N×d one).
+ *
+ * Order: ONNX Runtime may run independent nodes in any order, and a recompute that only depends on
+ * forward values could run during the forward and hold its P until the backward. So each group's Q
+ * gets a zero-weighted scalar of a backward value added: D for the first group, the previous group's
+ * Q̄ for the next ones. The groups then run one after the other, after Ō exists.
+ */
+import type { ConstantDecl, Dim, Graph, NodeDecl, Value } from './builder.ts';
+import type { Ops } from './ops.ts';
+
+/** One matched core: `MatMul(q, kt) → Mul(·, scale) [→ Add(·, bias)] → Softmax(axis −1) → MatMul(·, v)`. */
+export interface AttentionCore {
+  /** Index of the output MatMul in the forward graph (where the backward of the core is emitted). */
+  readonly outputNode: number;
+  /** Indices of all the core's nodes. */
+  readonly nodes: readonly number[];
+  readonly softmaxName: string;
+  readonly q: string;
+  readonly kt: string;
+  readonly v: string;
+  readonly out: string;
+  readonly scale: string;
+  readonly bias?: string;
+  /** Head groups the backward runs in (≥ 1, ≤ heads). */
+  readonly groups: number;
+  readonly heads: number;
+}
+
+/** Decides, per core, how many head groups to recompute in (undefined: keep the per-op rules). */
+export type RecomputeAttention = (softmaxNode: string, probsShape: readonly Dim[] | undefined) => number | undefined;
+
+export interface CoreSearch {
+  readonly graph: Graph;
+  /** Forward nodes present in the VJP graph. */
+  readonly kept: ReadonlySet<number>;
+  /** Values read by the VJP graph's outputs or probes (never folded into a core). */
+  readonly exposed: ReadonlySet<string>;
+  readonly active: ReadonlySet<string>;
+  readonly shape: (value: string) => readonly Dim[] | undefined;
+  readonly constants: ReadonlyMap<string, ConstantDecl>;
+  readonly choose: RecomputeAttention;
+}
+
+/** The attention cores of the forward graph whose probabilities feed nothing but their output product. */
+export function findAttentionCores(s: CoreSearch): Map<number, AttentionCore> {
+  const { graph } = s;
+  const producer = new Map<string, number>();
+  const consumers = new Map<string, number[]>();
+  graph.nodes.forEach((n, i) => {
+    n.outputs.forEach((o) => producer.set(o, i));
+    if (!s.kept.has(i)) return;
+    for (const input of new Set(n.inputs)) {
+      if (input === '') continue;
+      const list = consumers.get(input) ?? [];
+      list.push(i);
+      consumers.set(input, list);
+    }
+  });
+  const soleUse = (value: string): number | undefined => {
+    const users = consumers.get(value);
+    if (s.exposed.has(value) || users === undefined || users.length !== 1) return undefined;
+    return users[0];
+  };
+  const node = (i: number | undefined): NodeDecl | undefined => (i === undefined ? undefined : graph.nodes[i]);
+  const cores = new Map<number, AttentionCore>();
+  graph.nodes.forEach((softmax, si) => {
+    if (softmax.opType !== 'Softmax' || !s.kept.has(si)) return;
+    const probs = softmax.outputs[0]!;
+    const probsShape = s.shape(probs);
+    if (probsShape === undefined || probsShape.length !== 4) return;
+    const axis = softmax.attributes.find(([name]) => name === 'axis')?.[1].value ?? -1;
+    if (axis !== -1 && axis !== 3) return;
+    // Output product: MatMul(probs, v).
+    const oi = soleUse(probs);
+    const outNode = node(oi);
+    if (outNode === undefined || outNode.opType !== 'MatMul' || outNode.inputs[0] !== probs) return;
+    // Optional bias, then the scale.
+    let scoresNode = node(producer.get(softmax.inputs[0]!));
+    const nodes = [si, oi!];
+    let bias: string | undefined;
+    if (scoresNode?.opType === 'Add') {
+      const addIndex = producer.get(softmax.inputs[0]!)!;
+      if (soleUse(softmax.inputs[0]!) !== si) return;
+      const [a, b] = scoresNode.inputs as [string, string];
+      const mulFirst = node(producer.get(a))?.opType === 'Mul';
+      bias = mulFirst ? b : a;
+      if (s.active.has(bias)) return; // a bias that depends on wrt needs its own gradient
+      const biasShape = s.shape(bias);
+      if (biasShape === undefined) return;
+      nodes.push(addIndex);
+      const scaled = mulFirst ? a : b;
+      if (soleUse(scaled) !== addIndex) return;
+      scoresNode = node(producer.get(scaled));
+      if (scoresNode?.opType !== 'Mul') return;
+      nodes.push(producer.get(scaled)!);
+    } else {
+      if (scoresNode?.opType !== 'Mul' || soleUse(softmax.inputs[0]!) !== si) return;
+      nodes.push(producer.get(softmax.inputs[0]!)!);
+    }
+    const mulNode = scoresNode;
+    const scale = mulNode.inputs.find((i) => isScalarConstant(s.constants.get(i)));
+    const product = mulNode.inputs.find((i) => i !== scale);
+    if (scale === undefined || product === undefined) return;
+    const mi = producer.get(product);
+    const mm = node(mi);
+    if (mm === undefined || mm.opType !== 'MatMul' || soleUse(product) !== nodes[nodes.length - 1]) return;
+    nodes.push(mi!);
+    const [q, kt] = mm.inputs as [string, string];
+    const v = outNode.inputs[1]!;
+    const qShape = s.shape(q);
+    const heads = qShape?.[1];
+    if (qShape?.length !== 4 || s.shape(kt)?.length !== 4 || s.shape(v)?.length !== 4 || typeof heads !== 'number') return;
+    let groups = s.choose(softmax.name, probsShape);
+    if (groups === undefined) return;
+    groups = Math.max(1, Math.min(heads, Math.floor(groups)));
+    if (bias !== undefined && groups > 1) {
+      // The bias may be split along the heads only when it does not vary along them.
+      const b = s.shape(bias)!;
+      const headAxis = b.length - 3;
+      if (headAxis >= 0 && b[headAxis] !== 1) groups = 1;
+    }
+    cores.set(oi!, { outputNode: oi!, nodes, softmaxName: softmax.name, q, kt, v, out: outNode.outputs[0]!, scale, ...(bias === undefined ? {} : { bias }), groups, heads });
+  });
+  return cores;
+}
+
+function isScalarConstant(c: ConstantDecl | undefined): boolean {
+  return c !== undefined && c.dtype === 'float32' && c.shape.reduce((a, b) => a * b, 1) === 1;
+}
+
+/** Head-group sizes: `heads` split as evenly as possible into `groups`. */
+function groupSizes(heads: number, groups: number): number[] {
+  return Array.from({ length: groups }, (_, i) => Math.floor(heads / groups) + (i < heads % groups ? 1 : 0));
+}
+
+/**
+ * Emit the core's backward (see the file header) for the output cotangent `dOut`; returns the
+ * gradients of q, kt and v (undefined where `wants` says no).
+ */
+export function attentionCoreBackward(g: Ops, core: AttentionCore, dOut: Value, wants: { q: boolean; kt: boolean; v: boolean }): { q?: Value; kt?: Value; v?: Value } {
+  const out: Value = { name: core.out };
+  const scale: Value = { name: core.scale };
+  const d = g.reduceSum(g.mul(dOut, out), { dims: [-1], keepdim: true }); // (B, h, N, 1)
+  const split = (v: Value): Value[] => (core.groups === 1 ? [v] : g.split(v, g.int64s(groupSizes(core.heads, core.groups)), core.groups, { dim: 1 }));
+  const qs = split({ name: core.q });
+  const kts = split({ name: core.kt });
+  const vs = split({ name: core.v });
+  const dOuts = split(dOut);
+  const ds = split(d);
+  const all4 = [0, 1, 2, 3];
+  const swap = [0, 1, 3, 2];
+  const gq: Value[] = [];
+  const gkt: Value[] = [];
+  const gv: Value[] = [];
+  let previous: Value[] = [d];
+  for (let i = 0; i < core.groups; i++) {
+    const sums = previous.map((v) => g.reduceSum(v, { dims: all4, keepdim: false }));
+    const after = g.mul(sums.reduce((a, b) => g.add(a, b)), g.scalar(0));
+    const q = g.add(qs[i]!, after);
+    const scaled = g.mul(g.matmul(q, kts[i]!), scale);
+    const p = g.softmax(core.bias === undefined ? scaled : g.add(scaled, { name: core.bias }), { dim: -1 });
+    const dP = g.matmul(dOuts[i]!, g.transpose(vs[i]!, swap));
+    const dS = g.mul(g.mul(p, g.sub(dP, ds[i]!)), scale);
+    previous = [];
+    if (wants.v) previous.push(g.matmul(g.transpose(p, swap), dOuts[i]!));
+    if (wants.kt) previous.push(g.matmul(g.transpose(qs[i]!, swap), dS));
+    if (wants.q) previous.push(g.matmul(dS, g.transpose(kts[i]!, swap)));
+    if (wants.v) gv.push(previous[0]!);
+    if (wants.kt) gkt.push(previous[wants.v ? 1 : 0]!);
+    if (wants.q) gq.push(previous[previous.length - 1]!);
+  }
+  const join = (parts: Value[]): Value => (parts.length === 1 ? parts[0]! : g.concat(parts, { dim: 1 }));
+  return {
+    ...(wants.q ? { q: join(gq) } : {}),
+    ...(wants.kt ? { kt: join(gkt) } : {}),
+    ...(wants.v ? { v: join(gv) } : {}),
+  };
+}
