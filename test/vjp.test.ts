@@ -243,10 +243,12 @@ describe('UNet VJP graph', () => {
     const softmaxes = (graph: Graph) => graph.nodes.filter((n) => n.opType === 'Softmax').map((n) => n.name);
     const level0 = ['down_blocks.0.attentions.0', 'down_blocks.0.attentions.1'].map((b) => `${b}.transformer_blocks.0.attn1/Softmax`);
     const heads = config.numAttentionHeads[0]!;
-    // The forward's softmaxes, plus one per head of each level-0 self-attention layer on the path.
-    assert.equal(softmaxes(g).length, softmaxes(kept).filter((n) => !n.startsWith('grad.')).length + level0.length * heads);
+    // Each level-0 self-attention layer on the path runs its forward and its recompute per head.
+    assert.equal(softmaxes(g).length, softmaxes(kept).filter((n) => !n.startsWith('grad.')).length + level0.length * (2 * heads - 1));
     for (const name of level0) {
       assert.equal(softmaxes(g).filter((n) => n.startsWith(`grad.${name}/recompute/`)).length, heads, `${name}: one recomputed softmax per head`);
+      assert.equal(softmaxes(g).filter((n) => n.startsWith(`fwd.${name}/`)).length, heads, `${name}: one forward softmax per head`);
+      assert.ok(!g.nodes.some((n) => n.name === name), `${name}: the unsplit forward softmax is replaced`);
       assert.ok(!g.nodes.some((n) => n.name.startsWith(`grad.${name}/Mul`)), `${name}: no per-op softmax rule`);
       assert.ok(kept.nodes.some((n) => n.name.startsWith(`grad.${name}/Mul`)), `${name}: the per-op rule without the option`);
     }

@@ -150,6 +150,26 @@ function groupSizes(heads: number, groups: number): number[] {
 }
 
 /**
+ * The core's forward in head groups (for `groups` > 1): O = concat over groups of
+ * softmax(s·Q_g·K_gᵀ [+ bias])·V_g, each group's Q depending on the previous group's O (see the
+ * file header on order), so the forward's N×M transients are one group's too. Returns the concat;
+ * the caller names it as the core's output.
+ */
+export function attentionCoreForward(g: Ops, core: AttentionCore): Value {
+  const sizes = g.int64s(groupSizes(core.heads, core.groups));
+  const qs = g.split({ name: core.q }, sizes, core.groups, { dim: 1 });
+  const kts = g.split({ name: core.kt }, sizes, core.groups, { dim: 1 });
+  const vs = g.split({ name: core.v }, sizes, core.groups, { dim: 1 });
+  const outs: Value[] = [];
+  for (let i = 0; i < core.groups; i++) {
+    const q = i === 0 ? qs[0]! : g.add(qs[i]!, g.mul(g.reduceSum(outs[i - 1]!, { dims: [0, 1, 2, 3], keepdim: false }), g.scalar(0)));
+    const scaled = g.mul(g.matmul(q, kts[i]!), { name: core.scale });
+    outs.push(g.matmul(g.softmax(core.bias === undefined ? scaled : g.add(scaled, { name: core.bias }), { dim: -1 }), vs[i]!));
+  }
+  return g.concat(outs, { dim: 1 });
+}
+
+/**
  * Emit the core's backward (see the file header) for the output cotangent `dOut`; returns the
  * gradients of q, kt and v (undefined where `wants` says no).
  */

@@ -27,7 +27,7 @@ import type { DType } from '../tensor.ts';
 import type { AttrValue, ConstantDecl, Dim, Graph, IoDecl, NodeDecl, Value } from './builder.ts';
 import { ONNX_DTYPE, Ops } from './ops.ts';
 import { NON_DIFFERENTIABLE, VJP_RULES, isFloatDtype, type RuleContext } from './vjp-rules.ts';
-import { attentionCoreBackward, findAttentionCores, type RecomputeAttention } from './vjp-attention.ts';
+import { attentionCoreBackward, attentionCoreForward, findAttentionCores, type AttentionCore, type RecomputeAttention } from './vjp-attention.ts';
 
 /** The cotangent input of forward output `output`. */
 export const cotangentInput = (output: string): string => `cot.${output}`;
@@ -142,6 +142,18 @@ export function buildVjpGraph(forward: Graph, options: VjpOptions): Graph {
   }
   const constants = new Map(forward.constants.map((c) => [c.name, c]));
 
+  // Cores in several head groups also run their forward in those groups (the forward's N×M
+  // transients are one group's): the replacement nodes take the place of the core's nodes.
+  const coreOf = new Map<number, AttentionCore>();
+  const forwardScopes = new Map<AttentionCore, string>();
+  for (const core of cores.values()) {
+    if (core.groups === 1) continue;
+    for (const i of core.nodes) coreOf.set(i, core);
+    const scope = `fwd.${core.softmaxName}`;
+    forwardScopes.set(core, `${scope}/`);
+    g.scope(scope, () => attentionCoreForward(g, core));
+  }
+
   // Contributions to each value's cotangent, in the order they arrive; summed when first read.
   const contributions = new Map<string, Value[]>();
   const totals = new Map<string, Value>();
@@ -203,7 +215,19 @@ export function buildVjpGraph(forward: Graph, options: VjpOptions): Graph {
     return { name: cotangentInput(o), dtype: decl.dtype, shape: decl.shape };
   });
   const forwardOutputs = [...options.outputs, ...passThrough].map((o) => forward.outputs.find((d) => d.name === o)!);
-  const nodes = [...forward.nodes.filter((_, i) => kept.has(i)), ...backward.nodes];
+  const forwardNodes: NodeDecl[] = [];
+  forward.nodes.forEach((n, i) => {
+    if (!kept.has(i)) return;
+    const core = coreOf.get(i);
+    if (core === undefined) return void forwardNodes.push(n);
+    if (i !== core.outputNode) return;
+    const prefix = forwardScopes.get(core)!;
+    const group = backward.nodes.filter((m) => m.name.startsWith(prefix));
+    const last = group[group.length - 1]!; // the Concat of the groups' outputs, renamed to the core's output
+    forwardNodes.push(...group.slice(0, -1), { ...last, outputs: [core.out] });
+  });
+  const backwardNodes = backward.nodes.filter((m) => ![...forwardScopes.values()].some((p) => m.name.startsWith(p)));
+  const nodes = [...forwardNodes, ...backwardNodes];
   return assemble({ ...forward, name: backward.name }, nodes, [...forwardOutputs, ...backward.outputs], cotangents, backward.constants);
 }
 
