@@ -12,7 +12,13 @@
  *    (the tiny real runs check that model). At 512² the VJP of one sample takes ~11 GB beyond the
  *    weights in fp32, so SD-size operations run one sample per call and one session at a time.
  *
- *   node --import tsx bench/gradient.ts [--only tiny-runs,tiny-ops,sd15] [--runs 2] [--threads 2]
+ * 3. `--only sd15-runs` (not in the default set, ≈ 20 min): CLoRA end to end through `generate` at SD 1.5
+ *    size (random weights, two random rank-32 LoRAs, P = 3, 512²) with the notebook schedule scaled to
+ *    10 DDIM steps (updates at steps 0–4, 6 extra rounds at step 0: 11 gradient evaluations per 10
+ *    steps, as the notebook's 110 per 100), vs plain CFG, 10 steps. On a 24 GB machine this runs the
+ *    one-pass updates with the gradient session alone (`exclusivePasses`); reports peak RSS too.
+ *
+ *   node --import tsx bench/gradient.ts [--only tiny-runs,tiny-ops,sd15,sd15-runs] [--runs 2] [--threads 2]
  *
  * Correctness first: the fixture runs (clora/seed53, lora_composer/seed1174) must reproduce their
  * reference final latents before anything is timed. JSON lines on stdout (each with the run
@@ -34,6 +40,8 @@ import { timeRuns } from './timing-stats.ts';
 
 const { values } = parseArgs({ options: { only: { type: 'string' }, runs: { type: 'string', default: '2' }, threads: { type: 'string' } } });
 const only = values.only?.split(',') ?? ['tiny-runs', 'tiny-ops', 'sd15'];
+// Not in the default set (≈ 20 min): CLoRA end to end at SD 1.5 size, 512², reduced steps.
+// `sd15-runs` runs it.
 const runs = Number(values.runs);
 const threads = values.threads === undefined ? os.cpus().length : Number(values.threads);
 const log = (line: string) => process.stderr.write(`[bench:gradient] ${line}\n`);
@@ -279,15 +287,56 @@ if (only.includes('tiny-runs')) await tiny();
 if (only.includes('tiny-ops')) {
   await perOperation('tiny', MODEL, [path.join(LORAS, 'lora_kohya_a.safetensors'), path.join(LORAS, 'lora_kohya_b_locon.safetensors')], { latent: 32, dim: 32, levels: [32, 16, 8, 4] }, { slots: 6, single: 1 });
 }
-if (only.includes('sd15')) {
-  const model = prepareRandomSd15Model(work, 1234, log);
+const sd15Loras = (): string[] => {
   const dir = path.join(work, 'loras');
   fs.mkdirSync(dir, { recursive: true });
-  const files = [0, 1].map((k) => {
+  return [0, 1].map((k) => {
     const f = path.join(dir, `random-unet-r32-${k}.safetensors`);
     writeRandomLora(f, 100 + k);
     return f;
   });
+};
+if (only.includes('sd15-runs')) {
+  const model = prepareRandomSd15Model(work, 1234, log);
+  const [dogLora, catLora] = sd15Loras() as [string, string];
+  const engine = Sd15Engine.open(model.dir, { device: 'cpu', cacheDir, threads });
+  const models = engineModels(engine);
+  const steps = 10;
+  const base = { model: model.dir, negativePrompt: 'blurry', steps, cfgScale: 10, sampler: 'DDIM', width: 512, height: 512, seed: 53 };
+  const clora = normalizeJob({
+    ...base,
+    prompt: 'a photo of a dog and a cat',
+    strategy: {
+      name: 'clora',
+      concepts: [
+        { words: 'sks dog', otherWords: 'dog', prompt: 'a photo of a sks dog and a cat', lora: { name: dogLora, te: 1, unet: 1 } },
+        { words: 'sks cat', otherWords: 'cat', prompt: 'a photo of a dog and a sks cat', lora: { name: catLora, te: 1, unet: 1 } },
+      ],
+      clora: { updateUntil: 5, refineSteps: [0], refineRounds: 6 },
+    },
+  });
+  const plain = plainOf(clora);
+  try {
+    const times: Record<string, number> = {};
+    for (const [label, job] of [['plain', plain], ['clora', clora]] as const) {
+      let updates = 0;
+      const t0 = performance.now();
+      // One untimed image first: session builds (minutes at this size) are not part of the figure.
+      await generate(job, models);
+      const t1 = performance.now();
+      await generate(job, models, { onStrategyEvent: (e) => void (e.kind === 'update' && updates++) });
+      times[label] = performance.now() - t1;
+      const ratio = label === 'clora' ? round3(times.clora! / times.plain!) : undefined;
+      emit({ record: 'gradient_run', setting: 'sd15', variant: label, steps, size: '512x512', gradientUpdates: updates, firstImageMs: Math.round(t1 - t0), ms: Math.round(times[label]!), maxRssMiB: maxRssMiB(), ...(ratio === undefined ? {} : { overPlain: ratio }) });
+      log(`sd15 ${label}, 10 DDIM steps at 512²: ${(times[label]! / 1000).toFixed(1)} s/image (first image ${((t1 - t0) / 1000).toFixed(1)} s)${updates > 0 ? `, ${updates} gradient updates` : ''}${ratio === undefined ? '' : `, ${ratio}× plain`}, peak RSS ${(maxRssMiB() / 1024).toFixed(1)} GiB (load ${loadAvg1m()})`);
+    }
+  } finally {
+    await engine.dispose();
+  }
+}
+if (only.includes('sd15')) {
+  const model = prepareRandomSd15Model(work, 1234, log);
+  const files = sd15Loras();
   // One sample per call at 512² (the VJP's memory), one session alive at a time.
   await perOperation('sd15', model.dir, files, { latent: 64, dim: 768, levels: [64, 32, 16, 8] }, { slots: 1, single: 1 });
 }

@@ -830,6 +830,22 @@ export class Sd15Engine {
     return keys.length;
   }
 
+  /**
+   * Retire the UNet forward sessions (every `unet` graph variant: plain, adapter bank, merged,
+   * maps-only), each disposed once no run is in flight; the next forward call builds its session
+   * again. For a phase of gradient passes that needs no forward pass (CLoRA's one-pass updates) on a
+   * machine without memory for both. Returns how many were retired.
+   */
+  releaseUnetSessions(): number {
+    const keys = [...this.#sessions.keys()].filter((k) => k.startsWith('unet|'));
+    for (const key of keys) {
+      const pending = this.#sessions.get(key)!;
+      this.#sessions.delete(key);
+      pending.then((s) => s.retire()).catch(() => undefined);
+    }
+    return keys.length;
+  }
+
   async dispose(): Promise<void> {
     const sessions = [...this.#sessions.values()];
     this.#sessions.clear();

@@ -76,6 +76,8 @@ export interface DenoiserModel {
   predict(request: DenoiseRequest): Promise<DenoiseResult>;
   /** Free the memory of the gradient passes (VJP sessions); they are rebuilt on the next use. */
   releaseGradientPasses?(): Promise<void>;
+  /** Free the memory of the forward passes (`predict`, `maps`); they are rebuilt on the next use. */
+  releaseForwardPasses?(): Promise<void>;
   /** The 1/32-grid maps only, from the UNet truncated after its last 1/32-grid layer (gradient-guided strategies). */
   maps?(request: DenoiseRequest): Promise<DenoiseMaps>;
   /** ∂L/∂sample for L = Σ ⟨cotangents, maps⟩, with the maps (gradient-guided strategies). */
@@ -226,6 +228,9 @@ export function engineModels(engine: Sd15Engine, options: { loraDirs?: readonly 
       },
       async releaseGradientPasses() {
         await engine.releaseGradientSessions();
+      },
+      async releaseForwardPasses() {
+        engine.releaseUnetSessions();
       },
       async maps(request) {
         const variant: UnetVariant = { ...(request.regions === undefined ? {} : regionVariant(request)), attentionMaps: { level: MAPS_LEVEL }, mapsOnly: true };

@@ -12,7 +12,7 @@ import { encodePrompts, type ConditioningOptions } from './conditioning.ts';
 import { denoise, type DenoiseProgress } from './denoise.ts';
 import { PipelineError } from './errors.ts';
 import type { GenerateJob, JobLora } from './job.ts';
-import type { SdModels } from './models.ts';
+import type { DenoiseCotangents, DenoiseRequest, DenoiserModel, SdModels } from './models.ts';
 import { extractExtraNetworks, loraWeights, type ExtraNetworkTag } from './prompt/a1111.ts';
 import { createGenerator, type NoiseGenerator } from './rng/index.ts';
 import { createScheduler, parseSchedulerConfig, resolveSampler, type InfotextSampler } from './schedulers/index.ts';
@@ -78,36 +78,49 @@ export function defaultMaxBatch(latentH: number, latentW: number, sessions: numb
 
 /**
  * Activation memory of one sample in a VJP call (the truncated UNet and its backward, CLoRA and
- * LoRA-Composer), from the latent grid. Measured on SD 1.5 at 512² (bench/gradient.ts reports the
- * peak RSS): the VJP session's weights take ≈ 6.3 GiB and one sample's call grows its arena
- * by ≈ 5.9 GiB: the level-0 self-attention probabilities, kept for the backward, and their
- * gradients ≈ 11 tensors of 8 heads × N² floats, plus feature maps and their gradients (≈ 6.1 GiB).
+ * LoRA-Composer), from the latent grid N = h·w. The gradient graphs recompute the level-0
+ * self-attention probabilities one head at a time (`models/onnx/vjp-attention.ts`), so what grows
+ * with N² is a few one-head N×N tensors; the rest is feature maps and their gradients. Fitted to SD
+ * 1.5 at 512² (N = 4096) with random weights: a VJP session's RSS is ≈ 6.3 GiB with its weights,
+ * and a 6-sample call grew it to 14.0 GiB (≈ 1.28 GiB per sample; 5.9 GiB per sample when the
+ * probabilities were kept). Here: 11·N² + 128·320·N floats, 1.31 GiB at 512².
  */
 export function unetVjpBytesPerSample(latentH: number, latentW: number): number {
   const n = latentH * latentW;
-  return 11 * 8 * n * n * 4 + 128 * 320 * n * 4;
+  return 11 * n * n * 4 + 128 * 320 * n * 4;
 }
 
 /**
  * The default cap on samples per VJP call of the gradient-guided strategies: a quarter of the
  * machine's memory for its arena (the forward UNet, maps and VJP sessions' weights and the forward
- * calls take the rest); at least one sample. SD 1.5 at 512² on 24 GB: 1 (a call of CLoRA's six slot
- * samples would need ≈ 36 GiB; the process was killed). CLoRA's one-pass update needs all 2P slot
- * samples of an image in one call; below that it runs the two-pass update.
+ * calls take the rest); at least one sample. SD 1.5 at 512² on 24 GB: 4.
  */
 export function defaultGradientBatch(latentH: number, latentW: number, totalBytes: number = os.totalmem()): number {
   return Math.max(1, Math.floor((0.25 * totalBytes) / unetVjpBytesPerSample(latentH, latentW)));
 }
 
 /**
- * True when one VJP sample takes more than an eighth of the machine's memory (SD 1.5 at 512² on
- * 24 GB). Measured there with random SD 1.5 weights: the bank forward (3 samples), the maps-only
- * and the VJP (1 sample) sessions together reached 23.3 GiB RSS and the next round was killed by the
- * kernel. So the loss's maps then come from the forward session (no maps-only session) and the
- * forward calls are capped as for three sessions (2 samples at 512² on 24 GB).
+ * Samples per VJP call when the gradient session is the only UNet session alive (`exclusivePasses`):
+ * half the memory for its arena, the rest for its weights (≈ 2× the UNet's), the text encoder and
+ * the VAE. SD 1.5 at 512² on 24 GB: 8, so CLoRA's one-pass update (2P = 6 samples for P = 3) runs
+ * there: measured 14.0 GiB RSS for the VJP session of a 6-sample call.
+ */
+export function exclusiveGradientBatch(latentH: number, latentW: number, totalBytes: number = os.totalmem()): number {
+  return Math.max(1, Math.floor((0.5 * totalBytes) / unetVjpBytesPerSample(latentH, latentW)));
+}
+
+/**
+ * True when a VJP call of a few samples and the forward sessions do not fit together: one VJP
+ * sample takes more than 1/24 of the machine's memory (SD 1.5 at 512² on 24 GB: 1.31 of 23.5 GiB).
+ * Measured there before the probabilities were recomputed: the bank forward (3 samples), the
+ * maps-only and the VJP (1 sample) sessions together reached 23.3 GiB RSS and the next round was
+ * killed by the kernel. Then CLoRA's one-pass update runs with the gradient session alone
+ * (`exclusivePasses`) when it fits `exclusiveGradientBatch`; otherwise (and for LoRA-Composer) the
+ * loss's maps come from the forward session (no maps-only session) and the forward calls are capped
+ * as for three sessions (2 samples at 512² on 24 GB).
  */
 export function gradientMemoryIsShort(latentH: number, latentW: number, totalBytes: number = os.totalmem()): boolean {
-  return unetVjpBytesPerSample(latentH, latentW) > totalBytes / 8;
+  return unetVjpBytesPerSample(latentH, latentW) > totalBytes / 24;
 }
 
 /** A LoRA as it was applied: where it came from, its strengths, hash and coverage. */
@@ -224,7 +237,7 @@ async function planGradient(
   stack: AdapterStack,
   global: { te: number[]; unet: number[] },
   conceptStrengths: Array<{ te: number[]; unet: number[] }>,
-): Promise<(setup: Parameters<typeof cloraStrategy.create>[0], shape: [number, number, number, number], onEvent?: (e: CloraEvent | ComposerEvent) => void) => Strategy<unknown>> {
+): Promise<GradientPlan> {
   const concepts = job.strategy.concepts ?? [];
   const latentGrid: [number, number] = [job.height / models.vaeScale, job.width / models.vaeScale];
   const sizes = levelSizes(latentGrid[0], latentGrid[1], models.unetLevels);
@@ -243,7 +256,7 @@ async function planGradient(
       stack,
       { mapGrid: sizes[Math.min(2, sizes.length - 1)]!, latentGrid },
     );
-    return (setup, _shape, onEvent) => cloraStrategy.create(setup, plan, knobs, onEvent) as Strategy<unknown>;
+    return { create: (setup, _shape, onEvent) => cloraStrategy.create(setup, plan, knobs, onEvent) as Strategy<unknown>, onePassSamples: 2 * plan.slots.length };
   }
   const knobs = { ...composerDefaults(job.steps), ...job.strategy.loraComposer };
   const plan = await planComposer(
@@ -260,7 +273,36 @@ async function planGradient(
     stack,
     { vaeScale: models.vaeScale, unetLevels: models.unetLevels },
   );
-  return (setup, shape, onEvent) => loraComposerStrategy.create(setup, plan, knobs, shape, onEvent) as Strategy<unknown>;
+  return { create: (setup, shape, onEvent) => loraComposerStrategy.create(setup, plan, knobs, shape, onEvent) as Strategy<unknown> };
+}
+
+interface GradientPlan {
+  readonly create: (setup: Parameters<typeof cloraStrategy.create>[0], shape: [number, number, number, number], onEvent?: (e: CloraEvent | ComposerEvent) => void) => Strategy<unknown>;
+  /** CLoRA: the samples per image of its one-pass update (the 2P slot samples, one UNet call). */
+  readonly onePassSamples?: number;
+}
+
+/**
+ * A denoiser that keeps only one kind of UNet pass in memory: before a gradient pass it releases
+ * the forward sessions, before a forward pass the gradient sessions. For CLoRA's one-pass updates
+ * on a machine without memory for both (see `exclusiveGradientBatch`): its update steps make
+ * gradient passes only and its later steps forward passes only, so each image switches twice.
+ */
+export function exclusivePasses(d: DenoiserModel): DenoiserModel {
+  let current: 'forward' | 'gradient' | undefined;
+  const use = async (kind: 'forward' | 'gradient') => {
+    if (current === kind) return;
+    if (kind === 'gradient') await d.releaseForwardPasses?.();
+    else await d.releaseGradientPasses?.();
+    current = kind;
+  };
+  return {
+    ...d,
+    predict: async (request) => (await use('forward'), d.predict(request)),
+    ...(d.maps === undefined ? {} : { maps: async (request: DenoiseRequest) => (await use('forward'), d.maps!(request)) }),
+    ...(d.vjp === undefined ? {} : { vjp: async (request: DenoiseRequest, cot: DenoiseCotangents) => (await use('gradient'), d.vjp!(request, cot)) }),
+    ...(d.ntXentVjp === undefined ? {} : { ntXentVjp: async (request: DenoiseRequest, loss: Parameters<NonNullable<DenoiserModel['ntXentVjp']>>[1]) => (await use('gradient'), d.ntXentVjp!(request, loss)) }),
+  };
 }
 
 /** Run a normalized job on the given models. */
@@ -331,17 +373,21 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
     // Gradient strategies keep a forward and a VJP session (and a maps-only one unless memory is
     // short: then the maps come from the forward session, see `gradientMemoryIsShort`).
     const shortOfMemory = gradientPlan !== undefined && gradientMemoryIsShort(h, w);
-    const sessions = shortOfMemory ? 3 : (strategy.name === 'cmlora' && strategy.cacheInterval !== 1) || gradientPlan !== undefined ? 2 : 1;
+    // Short of memory, CLoRA's one-pass update still fits when its gradient session is alone.
+    const onePassSamples = (gradientPlan?.onePassSamples ?? 0) * job.batchSize;
+    const exclusive = shortOfMemory && onePassSamples > 0 && options.maxGradientBatch === undefined && exclusiveGradientBatch(h, w) >= onePassSamples;
+    const sessions = exclusive ? 1 : shortOfMemory ? 3 : (strategy.name === 'cmlora' && strategy.cacheInterval !== 1) || gradientPlan !== undefined ? 2 : 1;
     const maxBatch = options.maxBatch ?? defaultMaxBatch(h, w, sessions);
+    const gradientBatch = exclusive ? onePassSamples : (options.maxGradientBatch ?? Math.min(maxBatch, defaultGradientBatch(h, w)));
     const finalLatents = await denoise({
       scheduler,
       strategy:
         gradientPlan !== undefined
-          ? gradientPlan(setup, [job.batchSize, c, h, w], onEvent)
+          ? gradientPlan.create(setup, [job.batchSize, c, h, w], onEvent)
           : regionsPlan === undefined
             ? createStrategy(strategy, setup, [job.batchSize, c, h, w])
             : regionsStrategy.create(setup, regionsPlan),
-      denoiser: models.denoiser,
+      denoiser: exclusive ? exclusivePasses(models.denoiser) : models.denoiser,
       initialNoise,
       shape: [job.batchSize, c, h, w],
       steps: job.steps,
@@ -350,8 +396,8 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
       // CMLoRA keeps two UNet sessions (full and shallow); the gradient-guided strategies' forward
       // calls share the budget with their VJP calls.
       maxBatch,
-      ...(gradientPlan === undefined ? {} : { maxGradientBatch: options.maxGradientBatch ?? Math.min(maxBatch, defaultGradientBatch(h, w)) }),
-      ...(shortOfMemory ? { mapsFromFullPass: true } : {}),
+      ...(gradientPlan === undefined ? {} : { maxGradientBatch: gradientBatch }),
+      ...(shortOfMemory && !exclusive ? { mapsFromFullPass: true } : {}),
       ...(options.signal === undefined ? {} : { signal: options.signal }),
       onProgress: (p) => options.onProgress?.({ ...p, batch: b, batches: job.batchCount }),
     });

@@ -174,6 +174,16 @@ describe('UNet VJP matches the reference gradients (tiny-sd15-ref vjp/*)', () =>
     }
   });
 
+  test('releasing the UNet forward sessions leaves the gradient sessions; the next forward call rebuilds its session, same output', async () => {
+    const { unet, cotangents } = inputsOf(cases[0]!);
+    const first = await engine.runUnet(unet, { attentionMaps: { level: 2 } });
+    await engine.runUnetVjp(unet, cotangents);
+    assert.ok(engine.releaseUnetSessions() >= 1, 'a forward session was released');
+    assert.equal(engine.releaseUnetSessions(), 0, 'none left');
+    assert.ok((await engine.releaseGradientSessions()) >= 1, 'the VJP session stayed');
+    assert.deepEqual((await engine.runUnet(unet, { attentionMaps: { level: 2 } })).noise_pred!.data, first.noise_pred!.data);
+  });
+
   test('rejects cotangents of the wrong shape, naming the input', async () => {
     const { unet, cotangents } = inputsOf(cases[0]!);
     const bad = { ...cotangents, selfattn: { ...cotangents.selfattn, shape: [1, 64, 77] } };
