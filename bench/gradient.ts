@@ -9,8 +9,8 @@
  * 2. per-operation timings, tiny and SD 1.5 size (random weights, 512×512): the plain CFG pass, a
  *    CLoRA slot forward (LoRA bank, maps), the maps-only pass, the VJP; LoRA-Composer's regions CFG
  *    pass, regions maps-only pass and regions VJP. The official schedules' totals follow from them
- *    (the tiny real runs check that model). At 512² the VJP of one sample takes ~11 GB beyond the
- *    weights in fp32, so SD-size operations run one sample per call and one session at a time.
+ *    (the tiny real runs check that model). SD-size operations run one session at a time, CLoRA's
+ *    at its 6 slot samples per call (a 6-sample VJP call peaks at ≈ 14 GiB RSS with its weights).
  *
  * 3. `--only sd15-runs` (not in the default set, ≈ 20 min): CLoRA end to end through `generate` at SD 1.5
  *    size (random weights, two random rank-32 LoRAs, P = 3, 512²) with the notebook schedule scaled to
@@ -33,7 +33,7 @@ import { engineModels, generate, normalizeJob, type GenerateJob, type JobInput }
 import type { DenoiseRequest, DenoiserModel } from '../pipelines/models.ts';
 import { cloraLoss, type CloraPlan } from '../pipelines/strategies/clora.ts';
 import { FIXTURES, REF, readManifest } from '../test/fixtures.ts';
-import { defaultBenchWorkDir, prepareRandomSd15Model } from './random-weights.ts';
+import { defaultBenchWorkDir, prepareRandomSd15FullModel, prepareRandomSd15Model } from './random-weights.ts';
 import { writeRandomLora } from './random-lora.ts';
 import { loadAvg1m, maxRssMiB, runConditions } from './run-conditions.ts';
 import { timeRuns } from './timing-stats.ts';
@@ -297,7 +297,7 @@ const sd15Loras = (): string[] => {
   });
 };
 if (only.includes('sd15-runs')) {
-  const model = prepareRandomSd15Model(work, 1234, log);
+  const model = prepareRandomSd15FullModel(work, 1234, log);
   const [dogLora, catLora] = sd15Loras() as [string, string];
   const engine = Sd15Engine.open(model.dir, { device: 'cpu', cacheDir, threads });
   const models = engineModels(engine);
@@ -337,6 +337,6 @@ if (only.includes('sd15-runs')) {
 if (only.includes('sd15')) {
   const model = prepareRandomSd15Model(work, 1234, log);
   const files = sd15Loras();
-  // One sample per call at 512² (the VJP's memory), one session alive at a time.
-  await perOperation('sd15', model.dir, files, { latent: 64, dim: 768, levels: [64, 32, 16, 8] }, { slots: 1, single: 1 });
+  // CLoRA's 2P = 6 slot samples per call, one session alive at a time (as `exclusivePasses` runs them).
+  await perOperation('sd15', model.dir, files, { latent: 64, dim: 768, levels: [64, 32, 16, 8] }, { slots: 6, single: 1 });
 }

@@ -267,6 +267,21 @@ describe('UNet VJP graph', () => {
     assert.ok(g.nodes.some((n) => n.name.startsWith('grad.down_blocks.2.attentions.0.transformer_blocks.0.attn1/Softmax/Mul')));
   });
 
+  test('SD 1.5 config: the CLoRA one-pass graphs build (pruning leaves no constant-name gap behind)', () => {
+    // Pruning the selfattn maps of SD 1.5's graph drops constants only they read; appendGraph and
+    // the VJP builder renumber constants as the builder does, which failed on the gap ("unet
+    // already has a value const_27") the first time a 512² run took the one-pass update.
+    const sd = parseUnetConfig(JSON.parse(fs.readFileSync(path.join(FIXTURES, 'sd15-keys', 'unet_diffusers.json'), 'utf-8')).config, 'sd15 unet');
+    for (const noisePred of [false, true]) {
+      const g = buildUnetNtXentVjpGraph(sd, { level: 2, temperature: 0.5, noisePred, adapterBank: true, recomputeAttention: true });
+      assert.deepEqual(g.outputs.map((o) => o.name), ['xattn', NTXENT_LOSS_OUTPUT, ...(noisePred ? ['noise_pred'] : []), 'grad_sample']);
+      const defined = new Set([...g.inputs.map((i) => i.name), ...g.params.map((p) => p.name), ...g.constants.map((c) => c.name), ...g.nodes.flatMap((n) => n.outputs)]);
+      assert.ok(g.nodes.every((n) => n.inputs.every((v) => v === '' || defined.has(v))), 'every value read is defined');
+    }
+    const maps = buildUnetMapsGraph(sd, { level: 2, maps: ['xattn'] });
+    assert.deepEqual(maps.constants.map((c) => c.name), maps.constants.map((_, i) => `const_${i}`));
+  });
+
   test('with the adapter bank, reads the LoRA inputs of the layers before the cut only', () => {
     const g = buildUnetVjpGraph(tinyUnet(), { level: 2, adapterBank: true });
     const inputs = new Set(g.inputs.map((i) => i.name));

@@ -81,7 +81,26 @@ interface Facts {
 export function pruneGraph(graph: Graph, outputs: readonly string[]): Graph {
   const { needed } = analyse(graph, outputs);
   const nodes = graph.nodes.filter((_, i) => needed.has(i));
-  return assemble(graph, nodes, graph.outputs.filter((o) => outputs.includes(o.name)), [], graph.constants);
+  return compactConstants(assemble(graph, nodes, graph.outputs.filter((o) => outputs.includes(o.name)), [], graph.constants));
+}
+
+/**
+ * Constants renamed `const_0 … const_{n−1}` in their order, as the graph builder names them, when
+ * pruning left gaps (a constant only the pruned nodes read, e.g. a shape of the pruned selfattn
+ * maps). `buildVjpGraph` and `appendGraph` rebuild constants through the builder and rely on it.
+ */
+function compactConstants(graph: Graph): Graph {
+  const rename = new Map<string, string>();
+  graph.constants.forEach((c, i) => {
+    if (c.name !== `const_${i}`) rename.set(c.name, `const_${i}`);
+  });
+  if (rename.size === 0) return graph;
+  const r = (v: string) => rename.get(v) ?? v;
+  return {
+    ...graph,
+    nodes: graph.nodes.map((n) => (n.inputs.some((v) => rename.has(v)) ? { ...n, inputs: n.inputs.map(r) } : n)),
+    constants: graph.constants.map((c, i) => ({ ...c, name: `const_${i}` })),
+  };
 }
 
 /**
