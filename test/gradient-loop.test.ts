@@ -139,6 +139,30 @@ describe('the latent-update hook', () => {
     assert.equal(onePass, 0);
   });
 
+  test('oneGradientGraph: every one-pass round runs the whole-UNet graph; only a round that asks for outputs returns them', async () => {
+    const asked: boolean[] = [];
+    const eps = (n: number): Tensor<'float32'> => ({ dtype: 'float32', shape: [n, 1, 4, 4], data: new Float32Array(n * 16).fill(0.25) });
+    const denoiser: DenoiserModel = {
+      predict: async () => assert.fail('no forward pass'),
+      ntXentVjp: async (request, loss) => {
+        asked.push(loss.noisePred === true);
+        const n = request.sample.shape[0]!;
+        return { xattn: { dtype: 'float32', shape: [n, 1, 77], data: new Float32Array(n * 77) }, loss: new Float32Array(1), gradSample: eps(n), ...(loss.noisePred === true ? { noisePred: eps(n) } : {}) };
+      },
+    };
+    const branches = [1, 2].map((k) => ({ context: ctx(k) }));
+    for (const oneGradientGraph of [false, true]) {
+      asked.length = 0;
+      const tools = latentTools({ scheduler: fakeScheduler(1), denoiser, shape: [1, 1, 4, 4], maxBatch: 6, oneGradientGraph }, 0);
+      const discarded = await tools.ntXentVjp!(branches, new Float32Array(16), [], 0.5);
+      const last = await tools.ntXentVjp!(branches, new Float32Array(16), [], 0.5, { outputs: true });
+      assert.deepEqual(asked, [oneGradientGraph, true], `oneGradientGraph ${oneGradientGraph}: whole UNet asked for`);
+      assert.equal(discarded!.outputs, undefined, 'a round that did not ask gets no outputs');
+      assert.equal(last!.outputs!.length, 2);
+      assert.deepEqual([...discarded!.grad], [...last!.grad], 'the same gradient either way');
+    }
+  });
+
   test('mapsFromFullPass: the maps come from full passes that ask for them (no maps-only session)', async () => {
     const calls: Calls = { predict: [], maps: [], vjp: [] };
     const base = fakeDenoiser(calls);
