@@ -373,12 +373,17 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
     // Gradient strategies keep a forward and a VJP session (and a maps-only one unless memory is
     // short: then the maps come from the forward session, see `gradientMemoryIsShort`).
     const shortOfMemory = gradientPlan !== undefined && gradientMemoryIsShort(h, w);
-    // Short of memory, CLoRA's one-pass update still fits when its gradient session is alone.
+    const sharedSessions = shortOfMemory ? 3 : (strategy.name === 'cmlora' && strategy.cacheInterval !== 1) || gradientPlan !== undefined ? 2 : 1;
+    const sharedGradientBatch = options.maxGradientBatch ?? Math.min(options.maxBatch ?? defaultMaxBatch(h, w, sharedSessions), defaultGradientBatch(h, w));
+    // CLoRA's one-pass update, when its 2P slot samples do not fit a gradient call beside the forward
+    // sessions but do with the gradient session alone (SD 1.5 at 512² on 24 or 32 GB). Caps the caller
+    // set are kept as they are.
     const onePassSamples = (gradientPlan?.onePassSamples ?? 0) * job.batchSize;
-    const exclusive = shortOfMemory && onePassSamples > 0 && options.maxGradientBatch === undefined && exclusiveGradientBatch(h, w) >= onePassSamples;
-    const sessions = exclusive ? 1 : shortOfMemory ? 3 : (strategy.name === 'cmlora' && strategy.cacheInterval !== 1) || gradientPlan !== undefined ? 2 : 1;
+    const exclusive =
+      onePassSamples > sharedGradientBatch && options.maxBatch === undefined && options.maxGradientBatch === undefined && exclusiveGradientBatch(h, w) >= onePassSamples;
+    const sessions = exclusive ? 1 : sharedSessions;
     const maxBatch = options.maxBatch ?? defaultMaxBatch(h, w, sessions);
-    const gradientBatch = exclusive ? onePassSamples : (options.maxGradientBatch ?? Math.min(maxBatch, defaultGradientBatch(h, w)));
+    const gradientBatch = exclusive ? onePassSamples : sharedGradientBatch;
     const finalLatents = await denoise({
       scheduler,
       strategy:
@@ -405,7 +410,7 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
     });
     // Short of memory, the VAE decode (and the next batch's forward passes) must not sit beside the
     // VJP session's ≈ 14 GiB (SD 1.5 at 512²): release it; the next batch's updates rebuild it.
-    if (shortOfMemory) await models.denoiser.releaseGradientPasses?.();
+    if (shortOfMemory || exclusive) await models.denoiser.releaseGradientPasses?.();
     for (let i = 0; i < job.batchSize; i++) {
       const latents: Tensor<'float32'> = { dtype: 'float32', shape: [1, c, h, w], data: finalLatents.slice(i * perImage, (i + 1) * perImage) };
       const image = await models.decoder.decode(latents);
