@@ -165,7 +165,7 @@ test('the VJP caps: SD 1.5 at 512² on 24 GB (≈ 1.3 GiB per sample) runs CLoRA
   assert.equal(defaultMaxBatch(64, 64, 3, 24 * GiB), 2);
 });
 
-test('exclusivePasses: a gradient pass releases the forward sessions first, a forward pass the gradient sessions, once per switch', async () => {
+test('exclusivePasses: announces rebuilds; a gradient pass releases the forward sessions first, a forward pass the gradient sessions, once per switch', async () => {
   const log: string[] = [];
   const eps = { dtype: 'float32' as const, shape: [1], data: new Float32Array(1) };
   const inner: DenoiserModel = {
@@ -175,6 +175,7 @@ test('exclusivePasses: a gradient pass releases the forward sessions first, a fo
     ntXentVjp: async () => (log.push('ntxent'), { xattn: eps, loss: new Float32Array(1), gradSample: eps }),
     releaseForwardPasses: async () => void log.push('release forward'),
     releaseGradientPasses: async () => void log.push('release gradient'),
+    expectRebuilds: () => void log.push('expect rebuilds'),
   };
   const d = exclusivePasses(inner);
   const request = { sample: eps, timestep: 1, context: eps } as unknown as DenoiseRequest;
@@ -185,5 +186,5 @@ test('exclusivePasses: a gradient pass releases the forward sessions first, a fo
   await d.predict(request);
   await d.maps!(request);
   await d.ntXentVjp!(request, loss);
-  assert.deepEqual(log, ['release forward', 'ntxent', 'ntxent', 'vjp', 'release gradient', 'predict', 'maps', 'release forward', 'ntxent']);
+  assert.deepEqual(log, ['expect rebuilds', 'release forward', 'ntxent', 'ntxent', 'vjp', 'release gradient', 'predict', 'maps', 'release forward', 'ntxent']);
 });

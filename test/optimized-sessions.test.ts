@@ -1,0 +1,147 @@
+/**
+ * ONNX Runtime's optimized copies of a session (`SessionCreateOptions.optimizedCache`,
+ * `Sd15Engine.expectSessionRebuilds`): written once, loaded afterwards without the source, the same
+ * outputs; a broken copy is rebuilt; copies beyond the disk budget are pruned, least recently used
+ * first; the engine writes none unless rebuilds are expected.
+ */
+import { describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { OrtSession, optimizedCacheFiles, optimizedCachePath, pruneOptimizedCopies } from '../models/runtime.ts';
+import { Ops } from '../models/onnx/ops.ts';
+import { serializeModel } from '../models/onnx/serialize.ts';
+import { Sd15Engine } from '../models/index.ts';
+import { FIXTURES, REF, refCases } from './fixtures.ts';
+import { openSafetensors } from '../models/safetensors.ts';
+
+/** A 3×3 conv with a 16 × 8 × 3 × 3 weight (4.6 kB, above the copy's external-data threshold), then a SiLU. */
+function convModel(): Uint8Array {
+  const g = new Ops('conv');
+  const x = g.input('x', 'float32', [1, 8, 6, 6]);
+  const w = g.param('w', [16, 8, 3, 3]);
+  const y = g.node('Conv', [x, w], { pads: { kind: 'ints', value: [1, 1, 1, 1] } })[0]!;
+  g.output(g.silu(y), 'y', 'float32', undefined);
+  const weight = Float32Array.from({ length: 16 * 8 * 9 }, (_, i) => Math.sin(i * 0.37) * 0.2);
+  return serializeModel(g.finish(), () => ({ dtype: 'float32', data: { kind: 'raw', bytes: new Uint8Array(weight.buffer) } }));
+}
+
+const input = { x: { dtype: 'float32' as const, shape: [1, 8, 6, 6], data: Float32Array.from({ length: 288 }, (_, i) => Math.cos(i * 0.11)) } };
+
+async function runOnce(model: string, options: Parameters<typeof OrtSession.create>[1]): Promise<Float32Array> {
+  const s = await OrtSession.create(model, options);
+  try {
+    return (await s.run(input)).y!.data as Float32Array;
+  } finally {
+    await s.dispose();
+  }
+}
+
+describe('optimized copies of a session', () => {
+  test('the first build writes the copy, later builds load it without the source, same outputs', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chorus-opt-'));
+    try {
+      const source = path.join(dir, 'graph-abc.onnx');
+      fs.writeFileSync(source, convModel());
+      const reference = await runOnce(source, { device: 'cpu' });
+      const copy = optimizedCachePath(source);
+      assert.match(path.basename(copy), /^graph-abc\.opt-[0-9a-f]{12}\.onnx$/);
+      assert.ok(!fs.existsSync(copy));
+
+      assert.deepEqual(await runOnce(source, { device: 'cpu', optimizedCache: copy }), reference);
+      for (const f of optimizedCacheFiles(copy)) assert.ok(fs.existsSync(f), `${path.basename(f)} written`);
+      assert.ok(fs.statSync(`${copy}.bin`).size >= 16 * 8 * 9 * 4, 'the weight went to the copy\'s data file');
+      assert.deepEqual(fs.readdirSync(dir).filter((f) => f.endsWith('.partial')), [], 'no partial file left');
+
+      // The source is gone: only the copy can serve this build.
+      fs.rmSync(source);
+      assert.deepEqual(await runOnce(source, { device: 'cpu', optimizedCache: copy }), reference);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('a copy that does not load is deleted and written again from the source', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chorus-opt-'));
+    try {
+      const source = path.join(dir, 'graph-def.onnx');
+      fs.writeFileSync(source, convModel());
+      const reference = await runOnce(source, { device: 'cpu' });
+      const copy = optimizedCachePath(source);
+      await runOnce(source, { device: 'cpu', optimizedCache: copy });
+      const good = fs.readFileSync(copy);
+      fs.writeFileSync(copy, good.subarray(0, Math.floor(good.length / 3))); // truncated, as by a crash
+      assert.deepEqual(await runOnce(source, { device: 'cpu', optimizedCache: copy }), reference);
+      assert.deepEqual(fs.readFileSync(copy), good, 'rewritten whole');
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('pruning keeps the most recently used copies within the budget and never the one in use', () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chorus-opt-'));
+    try {
+      const component = path.join(dir, 'unet-1234');
+      fs.mkdirSync(component);
+      fs.writeFileSync(path.join(component, 'weights.bin'), Buffer.alloc(5000)); // not a copy: never touched
+      const make = (name: string, bytes: number, ageSeconds: number) => {
+        const file = path.join(component, `${name}.opt-0123456789ab.onnx`);
+        fs.writeFileSync(file, Buffer.alloc(100));
+        fs.writeFileSync(`${file}.bin`, Buffer.alloc(bytes));
+        const t = new Date(Date.now() - ageSeconds * 1000);
+        for (const f of optimizedCacheFiles(file)) fs.utimesSync(f, t, t);
+        return file;
+      };
+      const newest = make('graph-a', 1000, 10);
+      const middle = make('graph-b', 1000, 20);
+      const oldest = make('graph-c', 1000, 30);
+      const inUse = make('graph-d', 1000, 40);
+      assert.deepEqual(pruneOptimizedCopies(dir, 2300, [inUse]), [oldest]);
+      assert.deepEqual(fs.readdirSync(component).sort(), ['graph-a.opt-0123456789ab.onnx', 'graph-a.opt-0123456789ab.onnx.bin', 'graph-b.opt-0123456789ab.onnx', 'graph-b.opt-0123456789ab.onnx.bin', 'graph-d.opt-0123456789ab.onnx', 'graph-d.opt-0123456789ab.onnx.bin', 'weights.bin']);
+      assert.deepEqual(pruneOptimizedCopies(dir, 1100), [middle, inUse]);
+      assert.ok(fs.existsSync(newest));
+      assert.deepEqual(pruneOptimizedCopies(path.join(dir, 'missing'), 0), []);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('engine: optimized copies of the UNet sessions (tiny fixture model)', () => {
+  const copiesIn = (dir: string) => fs.readdirSync(dir, { recursive: true, encoding: 'utf8' }).filter((f) => /\.opt-[0-9a-f]+\.onnx$/.test(f));
+  const c = refCases('vjp').find((k) => k.id === 'vjp/b1_t500')!;
+  const ref = openSafetensors(path.join(REF, 'vjp.safetensors'));
+  const read = (k: string) => ref.readFloat32(c.inputs[k]!.key);
+  const unet = { sample: read('sample'), timestep: read('timestep'), encoderHiddenStates: read('encoder_hidden_states') };
+  const cot = { xattn: read('cot_x'), selfattn: read('cot_s') };
+  ref.close();
+
+  test('none written unless rebuilds are expected; then each UNet session build writes one, and a rebuild loads it with the same outputs', async () => {
+    const cacheDir = fs.mkdtempSync(path.join(os.tmpdir(), 'chorus-opt-engine-'));
+    const engine = Sd15Engine.open(path.join(FIXTURES, 'tiny-sd15'), { device: 'cpu', cacheDir });
+    try {
+      const forward = await engine.runUnet(unet);
+      const gradient = await engine.runUnetVjp(unet, cot);
+      assert.deepEqual(copiesIn(cacheDir), [], 'no copy without expected rebuilds');
+
+      engine.expectSessionRebuilds();
+      engine.releaseUnetSessions();
+      await engine.releaseGradientSessions();
+      assert.deepEqual((await engine.runUnet(unet)).noise_pred!.data, forward.noise_pred!.data);
+      assert.deepEqual((await engine.runUnetVjp(unet, cot)).gradSample.data, gradient.gradSample.data);
+      const written = copiesIn(cacheDir);
+      assert.equal(written.length, 2, `one copy per UNet graph: ${written.join(', ')}`);
+
+      // Rebuilt from the copies: remove the source graphs to prove it.
+      engine.releaseUnetSessions();
+      await engine.releaseGradientSessions();
+      for (const f of fs.readdirSync(cacheDir, { recursive: true, encoding: 'utf8' })) if (/graph-[0-9a-f]+\.onnx$/.test(f)) fs.rmSync(path.join(cacheDir, f));
+      assert.deepEqual((await engine.runUnet(unet)).noise_pred!.data, forward.noise_pred!.data);
+      assert.deepEqual((await engine.runUnetVjp(unet, cot)).gradSample.data, gradient.gradSample.data);
+    } finally {
+      await engine.dispose();
+      fs.rmSync(cacheDir, { recursive: true, force: true });
+    }
+  });
+});
