@@ -262,6 +262,33 @@ describe('UNet VJP graph', () => {
       assert.ok(!g.nodes.some((n) => n.name.startsWith(`grad.${name}/Mul`)), `${name}: no per-op softmax rule`);
       assert.ok(kept.nodes.some((n) => n.name.startsWith(`grad.${name}/Mul`)), `${name}: the per-op rule without the option`);
     }
+    // Order: within a core, every product of head h ≥ 1 (recomputed Q·Kᵀ, dP, V̄, K̄ᵀ, Q̄) depends on
+    // every product of head h − 1, so ONNX Runtime cannot hold several heads' N×M tensors at once.
+    const producer = new Map<string, (typeof g.nodes)[number]>();
+    for (const n of g.nodes) for (const o of n.outputs) producer.set(o, n);
+    const ancestorsOf = (n: (typeof g.nodes)[number]): Set<string> => {
+      const seen = new Set<string>();
+      const stack = [n];
+      while (stack.length > 0) {
+        for (const i of stack.pop()!.inputs) {
+          const p = producer.get(i);
+          if (p === undefined || seen.has(p.name)) continue;
+          seen.add(p.name);
+          stack.push(p);
+        }
+      }
+      return seen;
+    };
+    for (const name of level0) {
+      const products = g.nodes.filter((n) => n.opType === 'MatMul' && n.name.startsWith(`grad.${name}/recompute/`));
+      assert.equal(products.length, 5 * heads, `${name}: five products per head`);
+      for (let h = 1; h < heads; h++) {
+        for (const n of products.slice(5 * h, 5 * h + 5)) {
+          const before = ancestorsOf(n);
+          for (const m of products.slice(5 * (h - 1), 5 * h)) assert.ok(before.has(m.name), `${name}: ${n.name} (head ${h}) runs after ${m.name}`);
+        }
+      }
+    }
     // Other cores keep the per-op rules (level 1, and the tapped level-2 maps).
     assert.ok(g.nodes.some((n) => n.name.startsWith('grad.down_blocks.1.attentions.0.transformer_blocks.0.attn1/Softmax/Mul')));
     assert.ok(g.nodes.some((n) => n.name.startsWith('grad.down_blocks.2.attentions.0.transformer_blocks.0.attn1/Softmax/Mul')));

@@ -18,8 +18,9 @@
  *
  * Order: ONNX Runtime may run independent nodes in any order, and a recompute that only depends on
  * forward values could run during the forward and hold its P until the backward. So each group's Q
- * gets a zero-weighted scalar of a backward value added: D for the first group, the previous group's
- * Q̄ for the next ones. The groups then run one after the other, after Ō exists.
+ * and Ō get a zero-weighted scalar of a backward value added: D for the first group, the previous
+ * group's gradients for the next ones. The groups then run one after the other, after Ō exists
+ * (the chain on Ō keeps ONNX Runtime from computing every group's dP first and holding them all).
  */
 import type { ConstantDecl, Dim, Graph, NodeDecl, Value } from './builder.ts';
 import type { Ops } from './ops.ts';
@@ -195,7 +196,9 @@ export function attentionCoreBackward(g: Ops, core: AttentionCore, dOut: Value, 
     const q = g.add(qs[i]!, after);
     const scaled = g.mul(g.matmul(q, kts[i]!), scale);
     const p = g.softmax(core.bias === undefined ? scaled : g.add(scaled, { name: core.bias }), { dim: -1 });
-    const dP = g.matmul(dOuts[i]!, g.transpose(vs[i]!, swap));
+    // dP waits for the previous group too: it depends on backward values only, and without this
+    // ONNX Runtime computed every group's dP − D first and held them all (8 N×M tensors at level 0).
+    const dP = g.matmul(g.add(dOuts[i]!, after), g.transpose(vs[i]!, swap));
     const dS = g.mul(g.mul(p, g.sub(dP, ds[i]!)), scale);
     previous = [];
     if (wants.v) previous.push(g.matmul(g.transpose(p, swap), dOuts[i]!));
