@@ -311,12 +311,13 @@ export class Sd15Engine {
 
   /**
    * Say that UNet sessions will be released and built again in this process (see
-   * `releaseUnetSessions`, `releaseGradientSessions`): from now on each UNet session build also
-   * writes ONNX Runtime's optimized copy, so the next build of the same graph loads in seconds
-   * instead of re-running the optimizer (≈ 100 s for an SD 1.5 gradient graph, 36 s for a forward one).
+   * `releaseUnetSessions`, `releaseGradientSessions`), or no longer (`false`): while on, each UNet
+   * session build also writes ONNX Runtime's optimized copy, so the next build of the same graph
+   * loads in seconds instead of re-running the optimizer (≈ 100 s for an SD 1.5 gradient graph, 36 s
+   * for a forward one). Copies that exist are loaded either way.
    */
-  expectSessionRebuilds(): void {
-    this.#rebuildsExpected = true;
+  expectSessionRebuilds(on = true): void {
+    this.#rebuildsExpected = on;
   }
 
   /** The session options that load or write a UNet graph's optimized copy, when that applies. */

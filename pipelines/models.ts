@@ -79,10 +79,11 @@ export interface DenoiserModel {
   /** Free the memory of the forward passes (`predict`, `maps`); they are rebuilt on the next use. */
   releaseForwardPasses?(): Promise<void>;
   /**
-   * The caller will release and rebuild passes in this process (`exclusivePasses`): make rebuilds
-   * cheap (the engine keeps ONNX Runtime's optimized copies of the sessions it builds from now on).
+   * The caller will release and rebuild passes in this process (`exclusivePasses`), or no longer
+   * (`false`): make rebuilds cheap (the engine keeps ONNX Runtime's optimized copies of the sessions
+   * it builds meanwhile).
    */
-  expectRebuilds?(): void;
+  expectRebuilds?(on: boolean): void;
   /** The 1/32-grid maps only, from the UNet truncated after its last 1/32-grid layer (gradient-guided strategies). */
   maps?(request: DenoiseRequest): Promise<DenoiseMaps>;
   /** ∂L/∂sample for L = Σ ⟨cotangents, maps⟩, with the maps (gradient-guided strategies). */
@@ -237,8 +238,8 @@ export function engineModels(engine: Sd15Engine, options: { loraDirs?: readonly 
       async releaseForwardPasses() {
         engine.releaseUnetSessions();
       },
-      expectRebuilds() {
-        engine.expectSessionRebuilds();
+      expectRebuilds(on) {
+        engine.expectSessionRebuilds(on);
       },
       async maps(request) {
         const variant: UnetVariant = { ...(request.regions === undefined ? {} : regionVariant(request)), attentionMaps: { level: MAPS_LEVEL }, mapsOnly: true };

@@ -291,7 +291,7 @@ interface GradientPlan {
  * optimized copy (SD 1.5 at 512²: ≈ 30 s instead of ≈ 170 s for the gradient session).
  */
 export function exclusivePasses(d: DenoiserModel): DenoiserModel {
-  d.expectRebuilds?.();
+  d.expectRebuilds?.(true);
   let current: 'forward' | 'gradient' | undefined;
   const use = async (kind: 'forward' | 'gradient') => {
     if (current === kind) return;
@@ -361,72 +361,83 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
     }
   }
   const images: GeneratedImage[] = [];
-  for (let b = 0; b < job.batchCount; b++) {
-    const seeds = Array.from({ length: job.batchSize }, (_, i) => job.seed + BigInt(b * job.batchSize + i));
-    const generators: NoiseGenerator[] = seeds.map((s) => createGenerator(job.rng, s));
-    const draw = () => {
-      const out = new Float32Array(job.batchSize * perImage);
-      generators.forEach((g, i) => out.set(g.randn([1, c, h, w]), i * perImage));
-      return out;
-    };
-    const initialNoise = b === 0 && options.initLatents !== undefined ? Float32Array.from(options.initLatents.data as ArrayLike<number>) : draw();
-    const scheduler = createScheduler(choice.kind, schedulerConfig, job.steps, choice.options);
-    const setup = { conditioning, guidanceScale: job.cfgScale, stack, steps: job.steps };
-    const onEvent = options.onStrategyEvent === undefined ? undefined : (e: CloraEvent | ComposerEvent) => options.onStrategyEvent!(e, b);
-    // Gradient strategies keep a forward and a VJP session (and a maps-only one unless memory is
-    // short: then the maps come from the forward session, see `gradientMemoryIsShort`).
-    const shortOfMemory = gradientPlan !== undefined && gradientMemoryIsShort(h, w);
-    const sharedSessions = shortOfMemory ? 3 : (strategy.name === 'cmlora' && strategy.cacheInterval !== 1) || gradientPlan !== undefined ? 2 : 1;
-    const sharedGradientBatch = options.maxGradientBatch ?? Math.min(options.maxBatch ?? defaultMaxBatch(h, w, sharedSessions), defaultGradientBatch(h, w));
-    // CLoRA's one-pass update, when its 2P slot samples do not fit a gradient call beside the forward
-    // sessions but do with the gradient session alone (SD 1.5 at 512² on 24 or 32 GB). Caps the caller
-    // set are kept as they are.
-    const onePassSamples = (gradientPlan?.onePassSamples ?? 0) * job.batchSize;
-    const exclusive =
-      onePassSamples > sharedGradientBatch && options.maxBatch === undefined && options.maxGradientBatch === undefined && exclusiveGradientBatch(h, w) >= onePassSamples;
-    const sessions = exclusive ? 1 : sharedSessions;
-    const maxBatch = options.maxBatch ?? defaultMaxBatch(h, w, sessions);
-    const gradientBatch = exclusive ? onePassSamples : sharedGradientBatch;
-    const finalLatents = await denoise({
-      scheduler,
-      strategy:
-        gradientPlan !== undefined
-          ? gradientPlan.create(setup, [job.batchSize, c, h, w], onEvent)
-          : regionsPlan === undefined
-            ? createStrategy(strategy, setup, [job.batchSize, c, h, w])
-            : regionsStrategy.create(setup, regionsPlan),
-      denoiser: exclusive ? exclusivePasses(models.denoiser) : models.denoiser,
-      initialNoise,
-      shape: [job.batchSize, c, h, w],
-      steps: job.steps,
-      noise: draw,
-      ...(mode === 'none' ? {} : { adapters: { stack, mode } }),
-      // CMLoRA keeps two UNet sessions (full and shallow); the gradient-guided strategies' forward
-      // calls share the budget with their VJP calls.
-      maxBatch,
-      ...(gradientPlan === undefined ? {} : { maxGradientBatch: gradientBatch }),
-      ...(shortOfMemory && !exclusive ? { mapsFromFullPass: true } : {}),
-      // Alone or not, two one-pass sessions (truncated and whole UNet) do not fit beside each other.
-      ...(exclusive ? { oneGradientGraph: true } : {}),
-      ...(options.signal === undefined ? {} : { signal: options.signal }),
-      onProgress: (p) => options.onProgress?.({ ...p, batch: b, batches: job.batchCount }),
-    });
-    // Short of memory, the VAE decode (and the next batch's forward passes) must not sit beside the
-    // VJP session's ≈ 14 GiB (SD 1.5 at 512²): release it; the next batch's updates rebuild it.
-    if (shortOfMemory || exclusive) await models.denoiser.releaseGradientPasses?.();
-    for (let i = 0; i < job.batchSize; i++) {
-      const latents: Tensor<'float32'> = { dtype: 'float32', shape: [1, c, h, w], data: finalLatents.slice(i * perImage, (i + 1) * perImage) };
-      const image = await models.decoder.decode(latents);
-      const img: GeneratedImage = {
-        index: b * job.batchSize + i,
-        seed: seeds[i]!,
-        image,
-        initLatents: { dtype: 'float32', shape: [1, c, h, w], data: initialNoise.slice(i * perImage, (i + 1) * perImage) },
-        finalLatents: latents,
+  let rebuildsExpected = false;
+  try {
+    for (let b = 0; b < job.batchCount; b++) {
+      const seeds = Array.from({ length: job.batchSize }, (_, i) => job.seed + BigInt(b * job.batchSize + i));
+      const generators: NoiseGenerator[] = seeds.map((s) => createGenerator(job.rng, s));
+      const draw = () => {
+        const out = new Float32Array(job.batchSize * perImage);
+        generators.forEach((g, i) => out.set(g.randn([1, c, h, w]), i * perImage));
+        return out;
       };
-      images.push(img);
-      await options.onImage?.(img, { sampler: choice.infotext, loras: applied, loraMode: mode });
+      const initialNoise = b === 0 && options.initLatents !== undefined ? Float32Array.from(options.initLatents.data as ArrayLike<number>) : draw();
+      const scheduler = createScheduler(choice.kind, schedulerConfig, job.steps, choice.options);
+      const setup = { conditioning, guidanceScale: job.cfgScale, stack, steps: job.steps };
+      const onEvent = options.onStrategyEvent === undefined ? undefined : (e: CloraEvent | ComposerEvent) => options.onStrategyEvent!(e, b);
+      // Gradient strategies keep a forward and a VJP session (and a maps-only one unless memory is
+      // short: then the maps come from the forward session, see `gradientMemoryIsShort`).
+      const shortOfMemory = gradientPlan !== undefined && gradientMemoryIsShort(h, w);
+      const sharedSessions = shortOfMemory ? 3 : (strategy.name === 'cmlora' && strategy.cacheInterval !== 1) || gradientPlan !== undefined ? 2 : 1;
+      const sharedGradientBatch = options.maxGradientBatch ?? Math.min(options.maxBatch ?? defaultMaxBatch(h, w, sharedSessions), defaultGradientBatch(h, w));
+      // CLoRA's one-pass update, when its 2P slot samples do not fit a gradient call beside the forward
+      // sessions but do with the gradient session alone (SD 1.5 at 512² on 24 or 32 GB). Caps the caller
+      // set are kept as they are.
+      const onePassSamples = (gradientPlan?.onePassSamples ?? 0) * job.batchSize;
+      const exclusive =
+        onePassSamples > sharedGradientBatch && options.maxBatch === undefined && options.maxGradientBatch === undefined && exclusiveGradientBatch(h, w) >= onePassSamples;
+      const sessions = exclusive ? 1 : sharedSessions;
+      const maxBatch = options.maxBatch ?? defaultMaxBatch(h, w, sessions);
+      const gradientBatch = exclusive ? onePassSamples : sharedGradientBatch;
+      // Sessions released during or after this batch are built again: have their builds keep
+      // ONNX Runtime's optimized copies (until the job ends).
+      if (shortOfMemory || exclusive) {
+        models.denoiser.expectRebuilds?.(true);
+        rebuildsExpected = true;
+      }
+      const finalLatents = await denoise({
+        scheduler,
+        strategy:
+          gradientPlan !== undefined
+            ? gradientPlan.create(setup, [job.batchSize, c, h, w], onEvent)
+            : regionsPlan === undefined
+              ? createStrategy(strategy, setup, [job.batchSize, c, h, w])
+              : regionsStrategy.create(setup, regionsPlan),
+        denoiser: exclusive ? exclusivePasses(models.denoiser) : models.denoiser,
+        initialNoise,
+        shape: [job.batchSize, c, h, w],
+        steps: job.steps,
+        noise: draw,
+        ...(mode === 'none' ? {} : { adapters: { stack, mode } }),
+        // CMLoRA keeps two UNet sessions (full and shallow); the gradient-guided strategies' forward
+        // calls share the budget with their VJP calls.
+        maxBatch,
+        ...(gradientPlan === undefined ? {} : { maxGradientBatch: gradientBatch }),
+        ...(shortOfMemory && !exclusive ? { mapsFromFullPass: true } : {}),
+        // Alone or not, two one-pass sessions (truncated and whole UNet) do not fit beside each other.
+        ...(exclusive ? { oneGradientGraph: true } : {}),
+        ...(options.signal === undefined ? {} : { signal: options.signal }),
+        onProgress: (p) => options.onProgress?.({ ...p, batch: b, batches: job.batchCount }),
+      });
+      // Short of memory, the VAE decode (and the next batch's forward passes) must not sit beside the
+      // VJP session's ≈ 14 GiB (SD 1.5 at 512²): release it; the next batch's updates rebuild it.
+      if (shortOfMemory || exclusive) await models.denoiser.releaseGradientPasses?.();
+      for (let i = 0; i < job.batchSize; i++) {
+        const latents: Tensor<'float32'> = { dtype: 'float32', shape: [1, c, h, w], data: finalLatents.slice(i * perImage, (i + 1) * perImage) };
+        const image = await models.decoder.decode(latents);
+        const img: GeneratedImage = {
+          index: b * job.batchSize + i,
+          seed: seeds[i]!,
+          image,
+          initLatents: { dtype: 'float32', shape: [1, c, h, w], data: initialNoise.slice(i * perImage, (i + 1) * perImage) },
+          finalLatents: latents,
+        };
+        images.push(img);
+        await options.onImage?.(img, { sampler: choice.infotext, loras: applied, loraMode: mode });
+      }
     }
+  } finally {
+    if (rebuildsExpected) models.denoiser.expectRebuilds?.(false);
   }
   return { images, sampler: choice.infotext, loras: applied, loraMode: mode };
 }

@@ -175,7 +175,7 @@ test('exclusivePasses: announces rebuilds; a gradient pass releases the forward 
     ntXentVjp: async () => (log.push('ntxent'), { xattn: eps, loss: new Float32Array(1), gradSample: eps }),
     releaseForwardPasses: async () => void log.push('release forward'),
     releaseGradientPasses: async () => void log.push('release gradient'),
-    expectRebuilds: () => void log.push('expect rebuilds'),
+    expectRebuilds: (on) => void log.push(`expect rebuilds: ${on}`),
   };
   const d = exclusivePasses(inner);
   const request = { sample: eps, timestep: 1, context: eps } as unknown as DenoiseRequest;
@@ -186,5 +186,5 @@ test('exclusivePasses: announces rebuilds; a gradient pass releases the forward 
   await d.predict(request);
   await d.maps!(request);
   await d.ntXentVjp!(request, loss);
-  assert.deepEqual(log, ['expect rebuilds', 'release forward', 'ntxent', 'ntxent', 'vjp', 'release gradient', 'predict', 'maps', 'release forward', 'ntxent']);
+  assert.deepEqual(log, ['expect rebuilds: true', 'release forward', 'ntxent', 'ntxent', 'vjp', 'release gradient', 'predict', 'maps', 'release forward', 'ntxent']);
 });

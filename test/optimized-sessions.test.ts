@@ -133,12 +133,16 @@ describe('engine: optimized copies of the UNet sessions (tiny fixture model)', (
       const written = copiesIn(cacheDir);
       assert.equal(written.length, 2, `one copy per UNet graph: ${written.join(', ')}`);
 
-      // Rebuilt from the copies: remove the source graphs to prove it.
+      // Rebuilt from the copies, whether or not rebuilds are still expected: remove the source graphs to prove it.
+      engine.expectSessionRebuilds(false);
       engine.releaseUnetSessions();
       await engine.releaseGradientSessions();
       for (const f of fs.readdirSync(cacheDir, { recursive: true, encoding: 'utf8' })) if (/graph-[0-9a-f]+\.onnx$/.test(f)) fs.rmSync(path.join(cacheDir, f));
       assert.deepEqual((await engine.runUnet(unet)).noise_pred!.data, forward.noise_pred!.data);
       assert.deepEqual((await engine.runUnetVjp(unet, cot)).gradSample.data, gradient.gradSample.data);
+      // Rebuilds no longer expected: a new graph gets no copy.
+      await engine.runUnet(unet, { attentionMaps: { level: 2 } });
+      assert.equal(copiesIn(cacheDir).length, 2);
     } finally {
       await engine.dispose();
       fs.rmSync(cacheDir, { recursive: true, force: true });
