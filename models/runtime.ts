@@ -260,7 +260,8 @@ export function optimizedCachePath(modelPath: string): string {
 
 /**
  * Delete the least recently used optimized copies under `cacheDir` (one level of component folders)
- * until they take at most `budgetBytes`, never `keep`. Returns the deleted copies.
+ * until they take at most `budgetBytes`, never `keep`, and the leftovers of writes that never
+ * completed (older than an hour). Returns the deleted copies and leftovers.
  */
 export function pruneOptimizedCopies(cacheDir: string, budgetBytes: number, keep: readonly string[] = []): string[] {
   const copies: { file: string; bytes: number; used: number }[] = [];
@@ -270,8 +271,24 @@ export function pruneOptimizedCopies(cacheDir: string, budgetBytes: number, keep
   } catch {
     return [];
   }
+  const deleted: string[] = [];
   for (const dir of dirs) {
     for (const name of fs.readdirSync(dir)) {
+      // A write that never completed (the process died): its partial model and data file, once stale.
+      if (/\.opt-[0-9a-f]+\.onnx\.partial$/.test(name)) {
+        const partial = path.join(dir, name);
+        const cache = partial.slice(0, -'.partial'.length);
+        try {
+          if (Date.now() - fs.statSync(partial).mtimeMs > 3_600_000) {
+            fs.rmSync(partial, { force: true });
+            if (!fs.existsSync(cache)) fs.rmSync(`${cache}.bin`, { force: true });
+            deleted.push(partial);
+          }
+        } catch {
+          // Gone meanwhile.
+        }
+        continue;
+      }
       if (!/\.opt-[0-9a-f]+\.onnx$/.test(name)) continue;
       const file = path.join(dir, name);
       let bytes = 0;
@@ -289,7 +306,6 @@ export function pruneOptimizedCopies(cacheDir: string, budgetBytes: number, keep
     }
   }
   copies.sort((a, b) => b.used - a.used);
-  const deleted: string[] = [];
   let total = 0;
   for (const c of copies) {
     total += c.bytes;

@@ -99,7 +99,17 @@ describe('optimized copies of a session', () => {
       const inUse = make('graph-d', 1000, 40);
       assert.deepEqual(pruneOptimizedCopies(dir, 2300, [inUse]), [oldest]);
       assert.deepEqual(fs.readdirSync(component).sort(), ['graph-a.opt-0123456789ab.onnx', 'graph-a.opt-0123456789ab.onnx.bin', 'graph-b.opt-0123456789ab.onnx', 'graph-b.opt-0123456789ab.onnx.bin', 'graph-d.opt-0123456789ab.onnx', 'graph-d.opt-0123456789ab.onnx.bin', 'weights.bin']);
-      assert.deepEqual(pruneOptimizedCopies(dir, 1100), [middle, inUse]);
+      // The leftovers of a write that never completed go once they are an hour old.
+      const stale = path.join(component, 'graph-e.opt-0123456789ab.onnx');
+      const recent = path.join(component, 'graph-f.opt-0123456789ab.onnx');
+      for (const [file, age] of [[stale, 7200], [recent, 60]] as const) {
+        fs.writeFileSync(`${file}.partial`, Buffer.alloc(10));
+        fs.writeFileSync(`${file}.bin`, Buffer.alloc(10));
+        const t = new Date(Date.now() - age * 1000);
+        fs.utimesSync(`${file}.partial`, t, t);
+      }
+      assert.deepEqual(pruneOptimizedCopies(dir, 1100), [`${stale}.partial`, middle, inUse]);
+      assert.ok(!fs.existsSync(`${stale}.bin`) && fs.existsSync(`${recent}.partial`) && fs.existsSync(`${recent}.bin`));
       assert.ok(fs.existsSync(newest));
       assert.deepEqual(pruneOptimizedCopies(path.join(dir, 'missing'), 0), []);
     } finally {
