@@ -317,6 +317,15 @@ export function pruneOptimizedCopies(cacheDir: string, budgetBytes: number, keep
   return deleted;
 }
 
+/** Housekeeping on the copies' files must never fail a session build. */
+function quietly(f: () => unknown): void {
+  try {
+    f();
+  } catch {
+    // Ignored: see above.
+  }
+}
+
 /** The files of an optimized copy (see `SessionCreateOptions.optimizedCache`). */
 export function optimizedCacheFiles(cache: string): string[] {
   return [cache, `${cache}.bin`];
@@ -327,10 +336,10 @@ async function createCached(model: string | Uint8Array, options: ort.InferenceSe
     try {
       const session = await ort.InferenceSession.create(cache, { ...options, graphOptimizationLevel: 'disabled' });
       const now = new Date();
-      for (const f of optimizedCacheFiles(cache)) fs.utimesSync(f, now, now); // recency, for pruning
+      for (const f of optimizedCacheFiles(cache)) quietly(() => fs.utimesSync(f, now, now)); // recency, for pruning
       return session;
     } catch {
-      for (const f of optimizedCacheFiles(cache)) fs.rmSync(f, { force: true });
+      for (const f of optimizedCacheFiles(cache)) quietly(() => fs.rmSync(f, { force: true }));
     }
   }
   const temporary = `${cache}.partial`;
@@ -344,12 +353,14 @@ async function createCached(model: string | Uint8Array, options: ort.InferenceSe
   let session: ort.InferenceSession;
   try {
     session = typeof model === 'string' ? await ort.InferenceSession.create(model, saving) : await ort.InferenceSession.create(model, saving);
-  } catch (e) {
-    fs.rmSync(temporary, { force: true });
-    fs.rmSync(`${cache}.bin`, { force: true });
-    throw e;
+  } catch {
+    // The copy could not be written (a full disk, an unwritable folder) or the model does not load:
+    // build without the copy; a model that does not load fails there with its own error.
+    quietly(() => fs.rmSync(temporary, { force: true }));
+    quietly(() => fs.rmSync(`${cache}.bin`, { force: true }));
+    return typeof model === 'string' ? await ort.InferenceSession.create(model, options) : await ort.InferenceSession.create(model, options);
   }
-  if (fs.existsSync(temporary)) fs.renameSync(temporary, cache);
+  quietly(() => fs.existsSync(temporary) && fs.renameSync(temporary, cache));
   return session;
 }
 

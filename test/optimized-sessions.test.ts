@@ -79,6 +79,22 @@ describe('optimized copies of a session', () => {
     }
   });
 
+  test('a copy that cannot be written does not fail the build', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chorus-opt-'));
+    try {
+      const source = path.join(dir, 'graph-fed.onnx');
+      fs.writeFileSync(source, convModel());
+      const reference = await runOnce(source, { device: 'cpu' });
+      const copy = optimizedCachePath(source);
+      fs.mkdirSync(`${copy}.bin`); // ONNX Runtime cannot write its data file there
+      assert.deepEqual(await runOnce(source, { device: 'cpu', optimizedCache: copy }), reference);
+      assert.ok(!fs.existsSync(copy), 'no copy');
+      assert.deepEqual(fs.readdirSync(dir).filter((f) => f.endsWith('.partial')), [], 'no partial file left');
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   test('pruning keeps the most recently used copies within the budget and never the one in use', () => {
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chorus-opt-'));
     try {
