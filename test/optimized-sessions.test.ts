@@ -38,14 +38,22 @@ async function runOnce(model: string, options: Parameters<typeof OrtSession.crea
   }
 }
 
+/** A temporary folder holding `name` (the conv model) and its output built without a copy; removed afterwards. */
+async function withSource(name: string, body: (s: { dir: string; source: string; copy: string; reference: Float32Array }) => Promise<void>): Promise<void> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chorus-opt-'));
+  try {
+    const source = path.join(dir, name);
+    fs.writeFileSync(source, convModel());
+    const reference = await runOnce(source, { device: 'cpu' });
+    await body({ dir, source, copy: optimizedCachePath(source), reference });
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 describe('optimized copies of a session', () => {
   test('the first build writes the copy, later builds load it without the source, same outputs', async () => {
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chorus-opt-'));
-    try {
-      const source = path.join(dir, 'graph-abc.onnx');
-      fs.writeFileSync(source, convModel());
-      const reference = await runOnce(source, { device: 'cpu' });
-      const copy = optimizedCachePath(source);
+    await withSource('graph-abc.onnx', async ({ dir, source, copy, reference }) => {
       assert.match(path.basename(copy), /^graph-abc\.opt-[0-9a-f]{12}\.onnx$/);
       assert.ok(!fs.existsSync(copy));
 
@@ -57,42 +65,26 @@ describe('optimized copies of a session', () => {
       // The source is gone: only the copy can serve this build.
       fs.rmSync(source);
       assert.deepEqual(await runOnce(source, { device: 'cpu', optimizedCache: copy }), reference);
-    } finally {
-      fs.rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 
   test('a copy that does not load is deleted and written again from the source', async () => {
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chorus-opt-'));
-    try {
-      const source = path.join(dir, 'graph-def.onnx');
-      fs.writeFileSync(source, convModel());
-      const reference = await runOnce(source, { device: 'cpu' });
-      const copy = optimizedCachePath(source);
+    await withSource('graph-def.onnx', async ({ source, copy, reference }) => {
       await runOnce(source, { device: 'cpu', optimizedCache: copy });
       const good = fs.readFileSync(copy);
       fs.writeFileSync(copy, good.subarray(0, Math.floor(good.length / 3))); // truncated, as by a crash
       assert.deepEqual(await runOnce(source, { device: 'cpu', optimizedCache: copy }), reference);
       assert.deepEqual(fs.readFileSync(copy), good, 'rewritten whole');
-    } finally {
-      fs.rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 
   test('a copy that cannot be written does not fail the build', async () => {
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'chorus-opt-'));
-    try {
-      const source = path.join(dir, 'graph-fed.onnx');
-      fs.writeFileSync(source, convModel());
-      const reference = await runOnce(source, { device: 'cpu' });
-      const copy = optimizedCachePath(source);
+    await withSource('graph-fed.onnx', async ({ dir, source, copy, reference }) => {
       fs.mkdirSync(`${copy}.bin`); // ONNX Runtime cannot write its data file there
       assert.deepEqual(await runOnce(source, { device: 'cpu', optimizedCache: copy }), reference);
       assert.ok(!fs.existsSync(copy), 'no copy');
       assert.deepEqual(fs.readdirSync(dir).filter((f) => f.endsWith('.partial')), [], 'no partial file left');
-    } finally {
-      fs.rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 
   test('pruning keeps the most recently used copies within the budget and never the one in use', () => {
