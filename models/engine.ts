@@ -33,6 +33,13 @@ import { buildUnetMapsGraph, buildUnetNtXentVjpGraph, buildUnetVjpGraph, NTXENT_
 import { NTXENT_INPUTS } from './networks/ntxent-graph.ts';
 import { cotangentInput, gradientOutput } from './onnx/vjp.ts';
 import { hoistBankWeights, widenedWeight, type HoistedWeight } from './onnx/hoist-weights.ts';
+import { conditionalOutput } from './onnx/conditional-output.ts';
+
+/**
+ * The bool scalar input of CPU one-pass gradient graphs (`ntxent.noisePred`): false skips the UNet's
+ * tail after the maps and returns no ε (`ntxent.skipNoisePred`).
+ */
+export const NOISE_PRED_WANTED_INPUT = 'noise_pred_wanted';
 
 /** Bank sessions whose widened weights the host feeds (see `hoistBankWeights`). */
 interface Hoist {
@@ -231,6 +238,12 @@ export interface UnetVjpVariant {
     readonly feeds: Readonly<Record<string, Tensor>>;
     /** Run the whole UNet and also return `noisePred` (one pass for ε and the gradient). */
     readonly noisePred?: boolean;
+    /**
+     * With `noisePred`: this call's ε is not needed. The same session runs, and on the CPU it skips
+     * the UNet's layers after the maps (an ONNX `If`, see `onnx/conditional-output.ts`); no
+     * `noisePred` is returned. For callers that hold one gradient session for both kinds of round.
+     */
+    readonly skipNoisePred?: boolean;
   };
 }
 
@@ -778,7 +791,10 @@ export class Sd15Engine {
       pending = (async () => {
         const built = ntxent === undefined ? buildUnetVjpGraph(c, options) : buildUnetNtXentVjpGraph(c, { ...options, temperature: ntxent.temperature, noisePred: ntxent.noisePred === true });
         const plan = await this.plan();
-        const { graph, hoisted } = bank ? this.#hoisting(forDevice(built, plan.device), plan) : { graph: forDevice(built, plan.device), hoisted: [] };
+        const rewritten = bank ? this.#hoisting(forDevice(built, plan.device), plan) : { graph: forDevice(built, plan.device), hoisted: [] };
+        const { hoisted } = rewritten;
+        // On the CPU, ε is computed only when wanted (ONNX Runtime's WebGPU provider is not asked to run `If`).
+        const graph = ntxent?.noisePred === true && plan.device === 'cpu' ? conditionalOutput(rewritten.graph, 'noise_pred', NOISE_PRED_WANTED_INPUT, 'sample') : rewritten.graph;
         // Bound against the plain UNet's parameters, so the VJP graph shares its weights file.
         const bound = bindWeights(this.buildGraph('unet').params, this.model.weights('unet'));
         const prepared = prepareModelFiles(graph, bound, { cacheDir: this.cacheDir, component: 'unet', ...(patch === undefined ? {} : { patch }) });
@@ -811,6 +827,7 @@ export class Sd15Engine {
             ...ntxent.feeds,
             [cotangentInput('xattn')]: { dtype: 'float32', shape: expected.xattn!, data: new Float32Array(expected.xattn!.reduce((a, d) => a * d, 1)) },
             [cotangentInput(NTXENT_LOSS_OUTPUT)]: { dtype: 'float32', shape: [lossImages], data: new Float32Array(lossImages).fill(1) },
+            [NOISE_PRED_WANTED_INPUT]: { dtype: 'bool', shape: [], data: Uint8Array.of(ntxent.skipNoisePred === true ? 0 : 1) },
           };
     if (adapters !== undefined && adapters.mode === 'bank') {
       const K = adapters.stack.size;
@@ -835,7 +852,7 @@ export class Sd15Engine {
       gradSample: f32(out[gradientOutput('sample')]!),
       debugGradients,
       ...(out[NTXENT_LOSS_OUTPUT] === undefined ? {} : { ntxentLoss: f32(out[NTXENT_LOSS_OUTPUT]) }),
-      ...(out.noise_pred === undefined ? {} : { noisePred: f32(out.noise_pred) }),
+      ...(out.noise_pred === undefined || ntxent?.skipNoisePred === true ? {} : { noisePred: f32(out.noise_pred) }),
     };
   }
 

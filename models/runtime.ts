@@ -31,7 +31,7 @@ import { ModelError } from './errors.ts';
 import type { DType, Tensor } from './tensor.ts';
 import { softwareVulkanDrivers } from './device.ts';
 import { Ops } from './onnx/ops.ts';
-import { serializeModel } from './onnx/serialize.ts';
+import { repairOptimizedModel, serializeModel } from './onnx/serialize.ts';
 
 export type Device = 'auto' | 'cpu' | 'cuda' | 'dml' | 'coreml' | 'webgpu';
 export type ConcreteDevice = Exclude<Device, 'auto'>;
@@ -360,7 +360,13 @@ async function createCached(model: string | Uint8Array, options: ort.InferenceSe
     quietly(() => fs.rmSync(`${cache}.bin`, { force: true }));
     return typeof model === 'string' ? await ort.InferenceSession.create(model, options) : await ort.InferenceSession.create(model, options);
   }
-  quietly(() => fs.existsSync(temporary) && fs.renameSync(temporary, cache));
+  quietly(() => {
+    if (!fs.existsSync(temporary)) return;
+    // ONNX Runtime cannot load back what it writes for control-flow branches (see the repair).
+    const repaired = repairOptimizedModel(fs.readFileSync(temporary));
+    if (repaired !== undefined) fs.writeFileSync(temporary, repaired);
+    fs.renameSync(temporary, cache);
+  });
   return session;
 }
 

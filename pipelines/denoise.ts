@@ -55,9 +55,10 @@ export interface DenoiseRun<S> {
    */
   readonly mapsFromFullPass?: boolean;
   /**
-   * `LatentTools.ntXentVjp` always through the whole-UNet graph (its ε discarded when not asked
-   * for) instead of the truncated one for rounds whose ε are not used: ≈ 0.45 F more per sample for
-   * those rounds, one gradient session instead of two (SD 1.5 at 512²: ≈ 14 GiB each).
+   * `LatentTools.ntXentVjp` always through the whole-UNet graph instead of the truncated one for
+   * rounds whose ε are not used: one gradient session instead of two (SD 1.5 at 512²: ≈ 12 GiB
+   * each). Those rounds ask it to skip ε (`skipNoisePred`): on the CPU the graph then skips the
+   * layers after the maps; elsewhere they cost ≈ 0.45 F more per sample.
    */
   readonly oneGradientGraph?: boolean;
   readonly signal?: AbortSignal;
@@ -272,7 +273,8 @@ export function latentTools(run: Pick<DenoiseRun<unknown>, 'scheduler' | 'denois
       const position = new Map(members.map((i, k) => [i, k]));
       const feeds = ntXentFeeds(entries, images, seq, (slot, half) => position.get(2 * slot + half)!);
       const withOutputs = options?.outputs === true;
-      const result = await denoiser.ntXentVjp(request, { temperature, feeds, ...(withOutputs || run.oneGradientGraph === true ? { noisePred: true } : {}) });
+      const wholeGraph = withOutputs || run.oneGradientGraph === true;
+      const result = await denoiser.ntXentVjp(request, { temperature, feeds, ...(wholeGraph ? { noisePred: true } : {}), ...(wholeGraph && !withOutputs ? { skipNoisePred: true } : {}) });
       if (withOutputs && result.noisePred === undefined) return undefined;
       const scale = scheduler.scaleModelInput(Float32Array.of(1), evaluation)[0]!;
       const grad = new Float32Array(latents.length);

@@ -91,10 +91,13 @@ export interface DenoiserModel {
   /**
    * CLoRA's update in one pass: L = Σ_images NT-Xent of the xattn maps (computed in the graph from
    * `loss.feeds`, see `ntXentFeeds`), its per-image values, ∂L/∂sample and the xattn maps.
+   * `noisePred`: through the whole-UNet graph, also returning ε; with `skipNoisePred` too, the same
+   * graph (session) but ε is not needed this call (the engine skips the layers after the maps where
+   * it can, and returns no ε).
    */
   ntXentVjp?(
     request: DenoiseRequest,
-    loss: { readonly temperature: number; readonly feeds: Readonly<Record<string, Tensor>>; readonly noisePred?: boolean },
+    loss: { readonly temperature: number; readonly feeds: Readonly<Record<string, Tensor>>; readonly noisePred?: boolean; readonly skipNoisePred?: boolean },
   ): Promise<{ xattn: Tensor<'float32'>; loss: Float32Array; gradSample: Tensor<'float32'>; noisePred?: Tensor<'float32'> }>;
 }
 

@@ -12,8 +12,8 @@ import * as path from 'node:path';
 import { OrtSession, optimizedCacheFiles, optimizedCachePath, pruneOptimizedCopies } from '../models/runtime.ts';
 import { Ops } from '../models/onnx/ops.ts';
 import { serializeModel } from '../models/onnx/serialize.ts';
-import { Sd15Engine } from '../models/index.ts';
-import { FIXTURES, REF, refCases } from './fixtures.ts';
+import { Sd15Engine, ntXentFeeds, type Tensor } from '../models/index.ts';
+import { FIXTURES, REF, assertClose, refCases } from './fixtures.ts';
 import { openSafetensors } from '../models/safetensors.ts';
 
 /** A 3×3 conv with a 16 × 8 × 3 × 3 weight (4.6 kB, above the copy's external-data threshold), then a SiLU. */
@@ -161,6 +161,46 @@ describe('engine: optimized copies of the UNet sessions (tiny fixture model)', (
       // Rebuilds no longer expected: a new graph gets no copy.
       await engine.runUnet(unet, { attentionMaps: { level: 2 } });
       assert.equal(copiesIn(cacheDir).length, 2);
+    } finally {
+      await engine.dispose();
+      fs.rmSync(cacheDir, { recursive: true, force: true });
+    }
+  });
+
+  test('the one-pass gradient graph (ε in an If branch): its copy loads, with the same loss, gradient and ε, skipped or not', async () => {
+    const cacheDir = fs.mkdtempSync(path.join(os.tmpdir(), 'chorus-opt-engine-'));
+    const engine = Sd15Engine.open(path.join(FIXTURES, 'tiny-sd15'), { device: 'cpu', cacheDir });
+    // Two "slots" (a CFG pair each) of the same sample; the loss contrasts tokens 1, 2 (group 0) with 3 (group 1).
+    const twice = (t: Tensor<'float32'>): Tensor<'float32'> => ({ dtype: 'float32', shape: [4, ...t.shape.slice(1)], data: Float32Array.from({ length: 4 * t.data.length }, (_, i) => t.data[i % t.data.length]! * (1 + 0.01 * Math.floor(i / t.data.length))) });
+    const input = { sample: twice(unet.sample), timestep: unet.timestep, encoderHiddenStates: twice(unet.encoderHiddenStates) };
+    const entries = [{ slot: 0, token: 1, label: 0 }, { slot: 1, token: 2, label: 0 }, { slot: 0, token: 3, label: 1 }, { slot: 1, token: 3, label: 1 }];
+    const feeds = ntXentFeeds(entries, 1, unet.encoderHiddenStates.shape[1]!);
+    const empty: Tensor<'float32'> = { dtype: 'float32', shape: [0], data: new Float32Array() };
+    const call = (skip: boolean) => engine.runUnetVjp(input, { xattn: empty, selfattn: empty }, undefined, { ntxent: { temperature: 0.5, feeds, noisePred: true, ...(skip ? { skipNoisePred: true } : {}) } });
+    try {
+      engine.expectSessionRebuilds();
+      const [whole, skipped] = [await call(false), await call(true)];
+      assert.equal(whole.noisePred?.shape.join(','), input.sample.shape.join(','));
+      assert.equal(skipped.noisePred, undefined, 'no ε when skipped');
+      assert.deepEqual(skipped.gradSample.data, whole.gradSample.data);
+      assert.ok(Number.isFinite(whole.ntxentLoss!.data[0]!) && whole.gradSample.data.some((v) => v !== 0));
+      const written = copiesIn(cacheDir);
+      assert.equal(written.length, 1);
+      // ONNX Runtime's own file has each branch initializer twice and reuses generated names: it
+      // does not load without the repair (`repairOptimizedModel`); the repaired copy does.
+      const copy = path.join(cacheDir, written[0]!);
+      const inode = fs.statSync(copy).ino;
+      await (await OrtSession.create(copy, { device: 'cpu' })).dispose();
+      await engine.releaseGradientSessions();
+      const [again, againSkipped] = [await call(false), await call(true)];
+      assert.equal(fs.statSync(copy).ino, inode, 'the rebuild loaded the copy (a copy that fails to load is replaced)');
+      assert.deepEqual(again.noisePred!.data, whole.noisePred!.data);
+      assert.deepEqual(again.gradSample.data, whole.gradSample.data);
+      assert.deepEqual(again.ntxentLoss!.data, whole.ntxentLoss!.data);
+      assert.deepEqual(againSkipped.gradSample.data, whole.gradSample.data);
+      // ε equals the forward pass's.
+      const forward = await engine.runUnet(input);
+      assertClose(whole.noisePred!.data, forward.noise_pred!.data, 1e-5, 'one-pass ε vs forward');
     } finally {
       await engine.dispose();
       fs.rmSync(cacheDir, { recursive: true, force: true });

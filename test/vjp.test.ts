@@ -15,6 +15,7 @@ import { AdapterStack, Sd15Engine, openSafetensors, type AdapterUse, type Loaded
 import { parseUnetConfig } from '../models/networks/config.ts';
 import { buildUnetGraph } from '../models/networks/unet.ts';
 import { buildUnetMapsGraph, buildUnetNtXentVjpGraph, buildUnetVjpGraph, NTXENT_LOSS_OUTPUT } from '../models/networks/unet-vjp.ts';
+import { conditionalOutput } from '../models/onnx/conditional-output.ts';
 import { dumpGraph } from '../models/onnx/dump.ts';
 import { serializeModel } from '../models/onnx/serialize.ts';
 import { vjpOpTypes } from '../models/onnx/vjp.ts';
@@ -244,6 +245,58 @@ describe('UNet VJP graph', () => {
     const grads = (g: Graph) => names(g).filter((n) => n.startsWith('grad.'));
     assert.deepEqual(grads(full), grads(truncated));
     assert.ok(!grads(full).some((n) => n.startsWith('grad.up_blocks.2') || n.startsWith('grad.conv_out')));
+  });
+
+  test('conditional noise_pred: the layers only ε needs move into an If branch; everything the gradient needs stays outside', () => {
+    const full = buildUnetNtXentVjpGraph(tinyUnet(), { level: 2, temperature: 0.5, noisePred: true });
+    const g = conditionalOutput(full, 'noise_pred', 'want_eps', 'sample');
+    assert.deepEqual(g.inputs.at(-1), { name: 'want_eps', dtype: 'bool', shape: [] });
+    assert.deepEqual(g.outputs.map((o) => o.name), full.outputs.map((o) => o.name));
+    assert.deepEqual(g.outputs.find((o) => o.name === 'noise_pred')!.shape, full.outputs.find((o) => o.name === 'noise_pred')!.shape, 'skipped, the branch passes sample (same shape) through');
+    const branch = g.nodes.at(-1)!;
+    assert.equal(branch.opType, 'If');
+    assert.deepEqual(branch.inputs, ['want_eps']);
+    assert.deepEqual(branch.outputs, ['noise_pred']);
+    const attr = new Map(branch.attributes);
+    const then = attr.get('then_branch');
+    const otherwise = attr.get('else_branch');
+    assert.ok(then?.kind === 'graph' && otherwise?.kind === 'graph');
+    const inside = then.value.nodes.map((n) => n.name);
+    const staticValues = new Set([...full.params.map((p) => p.name), ...full.constants.map((c) => c.name)]);
+    const outside = g.nodes.slice(0, -1).map((n) => n.name);
+    // The tail: up_blocks.2, up_blocks.3 and conv_out (and up_blocks.1's upsampler), nothing of the backward.
+    assert.ok(inside.some((n) => n.startsWith('conv_out')) && inside.some((n) => n.startsWith('up_blocks.3.')) && inside.some((n) => n.startsWith('up_blocks.2.')));
+    assert.ok(inside.every((n) => !n.startsWith('grad.')));
+    // A partition of the original nodes, the order kept on both sides.
+    assert.deepEqual([...outside, ...inside].sort(), full.nodes.map((n) => n.name).sort());
+    const order = new Map(full.nodes.map((n, i) => [n.name, i]));
+    for (const side of [outside, inside]) assert.ok(side.every((n, i) => i === 0 || order.get(side[i - 1]!)! < order.get(n)!));
+    // The branch's output is renamed (no shadowing); the skipped branch copies sample.
+    assert.deepEqual(then.value.outputs.map((o) => o.name), ['noise_pred.computed']);
+    assert.ok(then.value.nodes.some((n) => n.outputs.includes('noise_pred.computed')));
+    assert.deepEqual(otherwise.value.nodes.map((n) => [n.opType, ...n.inputs]), [['Identity', 'sample']]);
+    // Parameters only the branch reads are its own (ONNX Runtime's NCHWc pass rewrites only a
+    // graph's own initializers); nothing foldable runs inside it.
+    const local = new Set((then.value.params ?? []).map((p) => p.name));
+    assert.ok(local.has('conv_out.weight') && !g.params.some((p) => local.has(p.name)));
+    assert.deepEqual([...g.params.map((p) => p.name), ...local].sort(), full.params.map((p) => p.name).sort());
+    const readOutside = new Set(g.nodes.flatMap((n) => n.inputs));
+    assert.ok([...local].every((p) => !readOutside.has(p)));
+    assert.ok(then.value.nodes.every((n) => n.inputs.some((v) => v !== '' && !staticValues.has(v) && !local.has(v))), 'no node of parameters and constants only in the branch');
+    // Outside the branch: the truncated graph's nodes, plus (from the tail) only nodes of parameters
+    // and constants, which ONNX Runtime folds once when the session is created.
+    const truncated = new Set(buildUnetNtXentVjpGraph(tinyUnet(), { level: 2, temperature: 0.5 }).nodes.map((n) => n.name));
+    for (const n of full.nodes) if (n.inputs.every((v) => v === '' || staticValues.has(v))) n.outputs.forEach((o) => staticValues.add(o));
+    const extra = g.nodes.slice(0, -1).filter((n) => !truncated.has(n.name) && !n.name.startsWith('output/'));
+    assert.ok(extra.length > 0 && extra.every((n) => n.inputs.every((v) => v === '' || staticValues.has(v))), `only foldable nodes besides the truncated graph's: ${extra.filter((n) => !n.inputs.every((v) => staticValues.has(v))).map((n) => n.name).slice(0, 3).join(', ')}`);
+    assert.ok([...truncated].every((n) => n.startsWith('output/') || outside.includes(n)));
+    // Serializes (subgraph attributes) deterministically.
+    const bytes = () => serializeModel(g, () => ({ dtype: 'float32', data: { kind: 'raw', bytes: new Uint8Array() } }));
+    assert.deepEqual(bytes(), bytes());
+    assert.throws(() => conditionalOutput(full, 'nope', 'want_eps', 'sample'), /has no output nope/);
+    assert.throws(() => conditionalOutput(full, 'noise_pred', 'timestep', 'sample'), /already has a value timestep/);
+    assert.throws(() => conditionalOutput(full, 'noise_pred', 'want_eps', 'ntxent.pick_cond'), /no float32 input ntxent.pick_cond/);
+    assert.throws(() => conditionalOutput(full, 'xattn', 'want_eps', 'sample'), /needs no node of its own/);
   });
 
   test('recomputeAttention: the level-0 self-attention cores recompute their probabilities per head', () => {

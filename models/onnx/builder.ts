@@ -62,7 +62,22 @@ export type AttrValue =
   | { readonly kind: 'float'; readonly value: number }
   | { readonly kind: 'string'; readonly value: string }
   | { readonly kind: 'ints'; readonly value: readonly number[] }
-  | { readonly kind: 'floats'; readonly value: readonly number[] };
+  | { readonly kind: 'floats'; readonly value: readonly number[] }
+  | { readonly kind: 'tensor'; readonly value: ConstantDecl }
+  | { readonly kind: 'graph'; readonly value: Subgraph };
+
+/**
+ * A control-flow branch (`If`'s `then_branch`/`else_branch`): nodes that may read any value of the
+ * enclosing graph by name, and the outputs it returns. Only `conditional-output.ts` makes these, as
+ * the last rewrite of a graph.
+ */
+export interface Subgraph {
+  readonly name: string;
+  readonly nodes: readonly NodeDecl[];
+  readonly outputs: readonly IoDecl[];
+  /** Parameters only this branch reads, stored as its own initializers. */
+  readonly params?: readonly ParamDecl[];
+}
 
 export interface NodeDecl {
   readonly name: string;

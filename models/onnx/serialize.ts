@@ -7,7 +7,7 @@
  * Field numbers are those of onnx/onnx.proto (ModelProto, GraphProto, NodeProto, AttributeProto,
  * TensorProto, ValueInfoProto, TypeProto, TensorShapeProto, OperatorSetIdProto).
  */
-import { IR_VERSION, type AttrValue, type Graph, type IoDecl, type NodeDecl, type ParamDecl } from './builder.ts';
+import { IR_VERSION, type AttrValue, type Graph, type IoDecl, type NodeDecl, type ParamDecl, type Subgraph } from './builder.ts';
 import { ONNX_DTYPE } from './ops.ts';
 import type { DType } from '../tensor.ts';
 
@@ -26,6 +26,8 @@ const WIRE_FIXED32 = 5;
 const ATTR_FLOAT = 1;
 const ATTR_INT = 2;
 const ATTR_STRING = 3;
+const ATTR_TENSOR = 4;
+const ATTR_GRAPH = 5;
 const ATTR_FLOATS = 6;
 const ATTR_INTS = 7;
 
@@ -80,6 +82,13 @@ class Writer {
     this.length += value.byteLength;
   }
 
+  /** Bytes already encoded (a whole field, tag included). */
+  raw(value: Uint8Array): void {
+    this.#flush();
+    this.#chunks.push(value);
+    this.length += value.byteLength;
+  }
+
   string(field: number, value: string): void {
     this.bytes(field, Buffer.from(value, 'utf-8'));
   }
@@ -116,7 +125,7 @@ class Writer {
   }
 }
 
-function writeAttribute(w: Writer, name: string, a: AttrValue): void {
+function writeAttribute(w: Writer, name: string, a: AttrValue, params: ParamProvider): void {
   w.string(1, name);
   switch (a.kind) {
     case 'float':
@@ -139,15 +148,34 @@ function writeAttribute(w: Writer, name: string, a: AttrValue): void {
       w.packedInts(8, a.value);
       w.int(20, ATTR_INTS);
       break;
+    case 'tensor':
+      w.message(5, (t) => writeTensor(t, a.value.name, a.value.dtype, a.value.shape, { kind: 'raw', bytes: a.value.bytes }));
+      w.int(20, ATTR_TENSOR);
+      break;
+    case 'graph':
+      w.message(6, (g) => writeSubgraph(g, a.value, params));
+      w.int(20, ATTR_GRAPH);
+      break;
   }
 }
 
-function writeNode(w: Writer, n: NodeDecl): void {
+/** A branch's GraphProto: nodes, name, its own parameters and outputs (no inputs: it reads the outer scope). */
+function writeSubgraph(g: Writer, sub: Subgraph, params: ParamProvider): void {
+  for (const n of sub.nodes) g.message(1, (nw) => writeNode(nw, n, params));
+  g.string(2, sub.name);
+  for (const p of sub.params ?? []) {
+    const { dtype, data } = params(p);
+    g.message(5, (t) => writeTensor(t, p.name, dtype, p.shape, data));
+  }
+  for (const o of sub.outputs) g.message(12, (v) => writeValueInfo(v, o));
+}
+
+function writeNode(w: Writer, n: NodeDecl, params: ParamProvider): void {
   for (const i of n.inputs) w.string(1, i);
   for (const o of n.outputs) w.string(2, o);
   w.string(3, n.name);
   w.string(4, n.opType);
-  for (const [name, a] of n.attributes) w.message(5, (aw) => writeAttribute(aw, name, a));
+  for (const [name, a] of n.attributes) w.message(5, (aw) => writeAttribute(aw, name, a, params));
   if (n.domain !== '') w.string(7, n.domain);
 }
 
@@ -194,7 +222,7 @@ export function serializeModel(graph: Graph, params: ParamProvider, options: { p
   w.string(3, options.producerVersion ?? '0');
   if (options.docString !== undefined) w.string(6, options.docString);
   w.message(7, (g) => {
-    for (const n of graph.nodes) g.message(1, (nw) => writeNode(nw, n));
+    for (const n of graph.nodes) g.message(1, (nw) => writeNode(nw, n, params));
     g.string(2, graph.name);
     for (const c of graph.constants) g.message(5, (t) => writeTensor(t, c.name, c.dtype, c.shape, { kind: 'raw', bytes: c.bytes }));
     for (const p of graph.params) {
@@ -209,4 +237,132 @@ export function serializeModel(graph: Graph, params: ParamProvider, options: { p
     o.int(2, graph.opset);
   });
   return w.finish();
+}
+
+/** One field of a protobuf message: its number, wire type, whole span and (length-delimited) payload. */
+interface RawField {
+  readonly field: number;
+  readonly wire: number;
+  readonly start: number;
+  readonly end: number;
+  readonly payload?: Uint8Array;
+}
+
+function readVarint(b: Uint8Array, at: number): [number, number] {
+  let value = 0;
+  let scale = 1;
+  let i = at;
+  for (;;) {
+    if (i >= b.length) throw new Error('protobuf: truncated varint');
+    const c = b[i++]!;
+    value += (c & 0x7f) * scale;
+    if (c < 0x80) return [value, i];
+    scale *= 128;
+  }
+}
+
+function rawFields(b: Uint8Array): RawField[] {
+  const out: RawField[] = [];
+  let i = 0;
+  while (i < b.length) {
+    const start = i;
+    const [key, next] = readVarint(b, i);
+    i = next;
+    const field = Math.floor(key / 8);
+    const wire = key % 8;
+    if (wire === WIRE_VARINT) i = readVarint(b, i)[1];
+    else if (wire === WIRE_FIXED32) i += 4;
+    else if (wire === 1) i += 8;
+    else if (wire === WIRE_LEN) {
+      const [n, at] = readVarint(b, i);
+      if (at + n > b.length) throw new Error('protobuf: truncated field');
+      out.push({ field, wire, start, end: at + n, payload: b.subarray(at, at + n) });
+      i = at + n;
+      continue;
+    } else throw new Error(`protobuf: unsupported wire type ${wire}`);
+    out.push({ field, wire, start, end: i });
+  }
+  return out;
+}
+
+/** `fields` re-emitted, the length-delimited ones `edit` returns bytes for replaced, those it returns null for dropped. */
+function rewriteFields(b: Uint8Array, edit: (f: RawField) => Uint8Array | null | undefined): Uint8Array | undefined {
+  let changed = false;
+  const w = new Writer();
+  for (const f of rawFields(b)) {
+    const replaced = f.payload === undefined ? undefined : edit(f);
+    if (replaced === undefined) {
+      w.raw(b.subarray(f.start, f.end));
+      continue;
+    }
+    changed = true;
+    if (replaced !== null) w.bytes(f.field, replaced);
+  }
+  return changed ? w.finish() : undefined;
+}
+
+const utf8 = (b: Uint8Array) => Buffer.from(b).toString('utf-8');
+const encode = (v: string) => new Uint8Array(Buffer.from(v, 'utf-8'));
+
+/** The value names a GraphProto defines itself: node outputs (NodeProto.output = 2), initializers (TensorProto.name = 8), inputs (ValueInfoProto.name = 1). */
+function definedNames(g: Uint8Array): string[] {
+  const names: string[] = [];
+  for (const f of rawFields(g)) {
+    if (f.payload === undefined) continue;
+    if (f.field === 1) for (const o of rawFields(f.payload)) if (o.field === 2 && o.payload !== undefined) names.push(utf8(o.payload));
+    if (f.field === 5 || f.field === 11) {
+      const name = rawFields(f.payload).find((t) => t.field === (f.field === 5 ? 8 : 1))?.payload;
+      if (name !== undefined) names.push(utf8(name));
+    }
+  }
+  return names;
+}
+
+/**
+ * Repair an optimized model ONNX Runtime wrote (`optimizedModelFilePath`) that has control-flow
+ * branches (`If`'s then/else graphs). ONNX Runtime 1.30 writes such a file and then refuses to load
+ * it, for two reasons this fixes in every subgraph at any depth (the main graph is left as it is):
+ * - every initializer of a branch is written twice ("initializer name is not unique"): the first of
+ *   each name is kept;
+ * - names its optimizer generates (`reorder_token_<n>` of the NCHWc layout pass) restart in each
+ *   graph, so a branch can define a name the enclosing graph defines too (not SSA): the branch's
+ *   own value is renamed (`<name>.<branch>`), with every use inside the branch (ONNX Runtime resolves
+ *   a name inside the branch to the branch's own value first, so the meaning is unchanged).
+ * Returns undefined when nothing changed.
+ */
+export function repairOptimizedModel(model: Uint8Array): Uint8Array | undefined {
+  // GraphProto: node 1, name 2, initializer 5, input 11, output 12, value_info 13.
+  const graph = (g: Uint8Array, outer: ReadonlySet<string> | undefined, inherited: ReadonlyMap<string, string>): Uint8Array | undefined => {
+    const own = definedNames(g);
+    const label = utf8(rawFields(g).find((f) => f.field === 2)?.payload ?? encode('branch'));
+    const rename = new Map(inherited);
+    if (outer !== undefined) for (const n of own) if (outer.has(n)) rename.set(n, `${n}.${label}`);
+    const visible = new Set([...(outer ?? []), ...own.map((n) => rename.get(n) ?? n)]);
+    const renamed = (b: Uint8Array) => {
+      const to = rename.get(utf8(b));
+      return to === undefined ? undefined : encode(to);
+    };
+    const seen = new Set<string>();
+    return rewriteFields(g, (f) => {
+      if (f.field === 1) return node(f.payload!, visible, rename, renamed);
+      if (f.field === 5 && outer !== undefined) {
+        const name = rawFields(f.payload!).find((t) => t.field === 8)?.payload;
+        if (name !== undefined) {
+          if (seen.has(utf8(name))) return null;
+          seen.add(utf8(name));
+        }
+        return rewriteFields(f.payload!, (t) => (t.field === 8 ? renamed(t.payload!) : undefined));
+      }
+      if (f.field === 11 || f.field === 12 || f.field === 13) return rewriteFields(f.payload!, (v) => (v.field === 1 ? renamed(v.payload!) : undefined));
+      return undefined;
+    });
+  };
+  // NodeProto: input 1, output 2, attribute 5 (AttributeProto: g 6, graphs 11).
+  const node = (n: Uint8Array, visible: ReadonlySet<string>, rename: ReadonlyMap<string, string>, renamed: (b: Uint8Array) => Uint8Array | undefined) =>
+    rewriteFields(n, (f) => {
+      if (f.field === 1 || f.field === 2) return renamed(f.payload!);
+      if (f.field === 5) return rewriteFields(f.payload!, (a) => (a.field === 6 || a.field === 11 ? graph(a.payload!, visible, rename) : undefined));
+      return undefined;
+    });
+  return rewriteFields(model, (f) => (f.field === 7 ? graph(f.payload!, undefined, new Map()) : undefined)); // ModelProto.graph
 }
