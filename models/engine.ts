@@ -239,9 +239,10 @@ export interface UnetVjpVariant {
     /** Run the whole UNet and also return `noisePred` (one pass for ε and the gradient). */
     readonly noisePred?: boolean;
     /**
-     * With `noisePred`: this call's ε is not needed. The same session runs, and on the CPU it skips
-     * the UNet's layers after the maps (an ONNX `If`, see `onnx/conditional-output.ts`); no
-     * `noisePred` is returned. For callers that hold one gradient session for both kinds of round.
+     * With `noisePred`: this call's ε is not needed, no `noisePred` is returned. The same session
+     * runs; on the CPU it skips the UNet's layers after the maps (an ONNX `If`, see
+     * `onnx/conditional-output.ts`). On the CPU a call without `noisePred` runs that way too, so
+     * both kinds of round share one session there; elsewhere it runs the truncated graph.
      */
     readonly skipNoisePred?: boolean;
   };
@@ -784,7 +785,10 @@ export class Sd15Engine {
       recomputeAttention: this.#recomputeAttention,
       ...(variant.regions === true ? { regions: true, selfAttentionIsolation: variant.selfAttentionIsolation === true, regionOutputAdapters: variant.regionOutputAdapters === true } : {}),
     };
-    const ntxent = variant.ntxent;
+    // On the CPU one graph serves every CLoRA round: the whole UNet with ε in an If branch, skipped
+    // when not wanted, which runs the same nodes as the truncated graph (one session instead of two).
+    const cpu = (await this.plan()).device === 'cpu';
+    const ntxent = variant.ntxent !== undefined && cpu && variant.ntxent.noisePred !== true ? { ...variant.ntxent, noisePred: true, skipNoisePred: true } : variant.ntxent;
     const key = `unet_vjp|${JSON.stringify(options)}|${patch?.key ?? ''}${ntxent === undefined ? '' : `|ntxent ${ntxent.temperature}${ntxent.noisePred === true ? ' noise_pred' : ''}`}`;
     let pending = this.#sessions.get(key);
     if (pending === undefined) {
@@ -794,7 +798,7 @@ export class Sd15Engine {
         const rewritten = bank ? this.#hoisting(forDevice(built, plan.device), plan) : { graph: forDevice(built, plan.device), hoisted: [] };
         const { hoisted } = rewritten;
         // On the CPU, ε is computed only when wanted (ONNX Runtime's WebGPU provider is not asked to run `If`).
-        const graph = ntxent?.noisePred === true && plan.device === 'cpu' ? conditionalOutput(rewritten.graph, 'noise_pred', NOISE_PRED_WANTED_INPUT, 'sample') : rewritten.graph;
+        const graph = ntxent?.noisePred === true && cpu ? conditionalOutput(rewritten.graph, 'noise_pred', NOISE_PRED_WANTED_INPUT, 'sample') : rewritten.graph;
         // Bound against the plain UNet's parameters, so the VJP graph shares its weights file.
         const bound = bindWeights(this.buildGraph('unet').params, this.model.weights('unet'));
         const prepared = prepareModelFiles(graph, bound, { cacheDir: this.cacheDir, component: 'unet', ...(patch === undefined ? {} : { patch }) });

@@ -58,7 +58,8 @@ export interface DenoiseRun<S> {
    * `LatentTools.ntXentVjp` always through the whole-UNet graph instead of the truncated one for
    * rounds whose ε are not used: one gradient session instead of two (SD 1.5 at 512²: ≈ 12 GiB
    * each). Those rounds ask it to skip ε (`skipNoisePred`): on the CPU the graph then skips the
-   * layers after the maps; elsewhere they cost ≈ 0.45 F more per sample.
+   * layers after the maps (and the engine serves rounds without ε that way even without this
+   * option); elsewhere they cost ≈ 0.45 F more per sample.
    */
   readonly oneGradientGraph?: boolean;
   readonly signal?: AbortSignal;

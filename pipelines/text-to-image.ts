@@ -414,7 +414,8 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
         maxBatch,
         ...(gradientPlan === undefined ? {} : { maxGradientBatch: gradientBatch }),
         ...(shortOfMemory && !exclusive ? { mapsFromFullPass: true } : {}),
-        // Alone or not, two one-pass sessions (truncated and whole UNet) do not fit beside each other.
+        // Alone or not, two one-pass sessions (truncated and whole UNet) do not fit beside each other
+        // (on the CPU the engine keeps one anyway: ε in an If branch, skipped in discarded rounds).
         ...(exclusive ? { oneGradientGraph: true } : {}),
         ...(options.signal === undefined ? {} : { signal: options.signal }),
         onProgress: (p) => options.onProgress?.({ ...p, batch: b, batches: job.batchCount }),
