@@ -2,7 +2,8 @@
  * ONNX Runtime's optimized copies of a session (`SessionCreateOptions.optimizedCache`,
  * `Sd15Engine.expectSessionRebuilds`): written once, loaded afterwards without the source, the same
  * outputs; a broken copy is rebuilt; copies beyond the disk budget are pruned, least recently used
- * first; the engine writes none unless rebuilds are expected.
+ * first; the engine writes none unless rebuilds are expected; ONNX Runtime's copies of graphs with
+ * control-flow branches are repaired so they load.
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -11,7 +12,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { OrtSession, optimizedCacheFiles, optimizedCachePath, pruneOptimizedCopies } from '../models/runtime.ts';
 import { Ops } from '../models/onnx/ops.ts';
-import { serializeModel } from '../models/onnx/serialize.ts';
+import { repairOptimizedModel, serializeModel } from '../models/onnx/serialize.ts';
+import type { Graph, NodeDecl, ParamDecl } from '../models/onnx/builder.ts';
 import { Sd15Engine, ntXentFeeds, type Tensor } from '../models/index.ts';
 import { FIXTURES, REF, assertClose, refCases } from './fixtures.ts';
 import { openSafetensors } from '../models/safetensors.ts';
@@ -123,6 +125,61 @@ describe('optimized copies of a session', () => {
     } finally {
       fs.rmSync(dir, { recursive: true, force: true });
     }
+  });
+});
+
+describe('repairing what ONNX Runtime writes for control-flow branches', () => {
+  /**
+   * The two defects of ONNX Runtime 1.30's optimized copies, built by hand: an `If` whose then-branch
+   * lists its initializer `w` twice and defines `dup`, a name the main graph defines too. The
+   * branch computes dup = x·w, r = dup + dup (6x with w = 3; 4x if `dup` were the main graph's x + x).
+   */
+  function brokenModel(): Uint8Array {
+    const w: ParamDecl = { name: 'w', shape: [1], storedShape: [1], transposed: false, dtype: 'float32' };
+    const node = (name: string, opType: string, inputs: string[], outputs: string[], attributes: NodeDecl['attributes'] = []): NodeDecl => ({ name, opType, domain: '', inputs, outputs, attributes });
+    const graph: Graph = {
+      name: 'broken',
+      opset: 17,
+      inputs: [
+        { name: 'x', dtype: 'float32', shape: [2] },
+        { name: 'cond', dtype: 'bool', shape: [] },
+      ],
+      outputs: [
+        { name: 'r', dtype: 'float32', shape: undefined },
+        { name: 'dup', dtype: 'float32', shape: [2] },
+      ],
+      nodes: [
+        node('outer', 'Add', ['x', 'x'], ['dup']),
+        node('if', 'If', ['cond'], ['r'], [
+          ['else_branch', { kind: 'graph', value: { name: 'else', nodes: [node('copy', 'Identity', ['x'], ['r.else'])], outputs: [{ name: 'r.else', dtype: 'float32', shape: undefined }] } }],
+          ['then_branch', { kind: 'graph', value: { name: 'then', nodes: [node('scale', 'Mul', ['x', 'w'], ['dup']), node('twice', 'Add', ['dup', 'dup'], ['r.then'])], outputs: [{ name: 'r.then', dtype: 'float32', shape: undefined }], params: [w, w] } }],
+        ]),
+      ],
+      params: [],
+      constants: [],
+    };
+    return serializeModel(graph, () => ({ dtype: 'float32', data: { kind: 'raw', bytes: new Uint8Array(Float32Array.of(3).buffer) } }));
+  }
+
+  test('duplicate branch initializers are dropped and a branch value shadowing an outer one is renamed, meaning kept', async () => {
+    const broken = brokenModel();
+    await assert.rejects(OrtSession.create(broken, { device: 'cpu' }), /not unique|SSA|Duplicate/i);
+    const repaired = repairOptimizedModel(broken);
+    assert.ok(repaired !== undefined);
+    assert.equal(repairOptimizedModel(repaired), undefined, 'a repaired model needs no repair');
+    const session = await OrtSession.create(repaired, { device: 'cpu' });
+    try {
+      const x: Tensor<'float32'> = { dtype: 'float32', shape: [2], data: Float32Array.of(1, -2) };
+      const run = async (cond: boolean) => session.run({ x, cond: { dtype: 'bool', shape: [], data: Uint8Array.of(cond ? 1 : 0) } });
+      const yes = await run(true);
+      assert.deepEqual([...yes.r!.data], [6, -12], 'the branch reads its own dup (x·w), not the main graph\'s (x + x)');
+      assert.deepEqual([...yes.dup!.data], [2, -4]);
+      assert.deepEqual([...(await run(false)).r!.data], [1, -2]);
+    } finally {
+      await session.dispose();
+    }
+    // A model without branches is left alone.
+    assert.equal(repairOptimizedModel(convModel()), undefined);
   });
 });
 
