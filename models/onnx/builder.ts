@@ -63,7 +63,6 @@ export type AttrValue =
   | { readonly kind: 'string'; readonly value: string }
   | { readonly kind: 'ints'; readonly value: readonly number[] }
   | { readonly kind: 'floats'; readonly value: readonly number[] }
-  | { readonly kind: 'tensor'; readonly value: ConstantDecl }
   | { readonly kind: 'graph'; readonly value: Subgraph };
 
 /**

@@ -15,8 +15,6 @@ function formatAttr(a: AttrValue): string {
     case 'ints':
     case 'floats':
       return `[${a.value.join(', ')}]`;
-    case 'tensor':
-      return `${a.value.dtype}[${a.value.shape.join(', ')}]`;
     case 'graph':
       return `graph ${a.value.name} (${a.value.nodes.length} nodes → ${a.value.outputs.map((o) => o.name).join(', ')})`;
   }

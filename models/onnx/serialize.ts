@@ -26,7 +26,6 @@ const WIRE_FIXED32 = 5;
 const ATTR_FLOAT = 1;
 const ATTR_INT = 2;
 const ATTR_STRING = 3;
-const ATTR_TENSOR = 4;
 const ATTR_GRAPH = 5;
 const ATTR_FLOATS = 6;
 const ATTR_INTS = 7;
@@ -147,10 +146,6 @@ function writeAttribute(w: Writer, name: string, a: AttrValue, params: ParamProv
     case 'ints':
       w.packedInts(8, a.value);
       w.int(20, ATTR_INTS);
-      break;
-    case 'tensor':
-      w.message(5, (t) => writeTensor(t, a.value.name, a.value.dtype, a.value.shape, { kind: 'raw', bytes: a.value.bytes }));
-      w.int(20, ATTR_TENSOR);
       break;
     case 'graph':
       w.message(6, (g) => writeSubgraph(g, a.value, params));
