@@ -40,6 +40,11 @@ import { conditionalOutput } from './onnx/conditional-output.ts';
  * tail after the maps and returns no ε (`ntxent.skipNoisePred`).
  */
 export const NOISE_PRED_WANTED_INPUT = 'noise_pred_wanted';
+/**
+ * The bool input of the same graph on the CPU that asks for the gradient: false skips the backward
+ * (`ntxent.skipGradient`), so the session also serves forward passes (ε and the maps).
+ */
+export const GRADIENT_WANTED_INPUT = 'gradient_wanted';
 
 /** Bank sessions whose widened weights the host feeds (see `hoistBankWeights`). */
 interface Hoist {
@@ -245,6 +250,11 @@ export interface UnetVjpVariant {
      * both kinds of round share one session there; elsewhere it runs the truncated graph.
      */
     readonly skipNoisePred?: boolean;
+    /**
+     * This call needs ε and the maps only: the backward is skipped (an ONNX `If`) and no gradient
+     * is returned. CPU only (elsewhere a SHAPE_MISMATCH error); `skipNoisePred` must be off.
+     */
+    readonly skipGradient?: boolean;
   };
 }
 
@@ -254,7 +264,7 @@ export interface UnetVjpOutput {
   readonly selfattn: Tensor<'float32'>;
   /** The region slots' maps (B, R, N, S_r), with the regions variant. */
   readonly xattnRegion?: Tensor<'float32'>;
-  /** ∂L/∂sample, L = Σ cot.xattn·xattn + Σ cot.selfattn·selfattn; shaped like sample. */
+  /** ∂L/∂sample, L = Σ cot.xattn·xattn + Σ cot.selfattn·selfattn; shaped like sample (empty, shape [0], with `ntxent.skipGradient`). */
   readonly gradSample: Tensor<'float32'>;
   /** `debug.grad.<stage>` when asked for. */
   readonly debugGradients: Readonly<Record<string, Tensor<'float32'>>>;
@@ -788,6 +798,13 @@ export class Sd15Engine {
     // On the CPU one graph serves every CLoRA round: the whole UNet with ε in an If branch, skipped
     // when not wanted, which runs the same nodes as the truncated graph (one session instead of two).
     const cpu = (await this.plan()).device === 'cpu';
+    if (variant.ntxent?.skipGradient === true && (!cpu || variant.ntxent.skipNoisePred === true)) {
+      throw new ModelError(
+        'SHAPE_MISMATCH',
+        !cpu ? `the one-pass gradient graph skips its backward on the CPU only (this engine runs on ${(await this.plan()).device}); run the forward UNet instead.` : 'skipGradient with skipNoisePred asks for neither ε nor the gradient.',
+        { input: GRADIENT_WANTED_INPUT },
+      );
+    }
     const ntxent = variant.ntxent !== undefined && cpu && variant.ntxent.noisePred !== true ? { ...variant.ntxent, noisePred: true, skipNoisePred: true } : variant.ntxent;
     const key = `unet_vjp|${JSON.stringify(options)}|${patch?.key ?? ''}${ntxent === undefined ? '' : `|ntxent ${ntxent.temperature}${ntxent.noisePred === true ? ' noise_pred' : ''}`}`;
     let pending = this.#sessions.get(key);
@@ -798,7 +815,10 @@ export class Sd15Engine {
         const rewritten = bank ? this.#hoisting(forDevice(built, plan.device), plan) : { graph: forDevice(built, plan.device), hoisted: [] };
         const { hoisted } = rewritten;
         // On the CPU, ε is computed only when wanted (ONNX Runtime's WebGPU provider is not asked to run `If`).
-        const graph = ntxent?.noisePred === true && cpu ? conditionalOutput(rewritten.graph, 'noise_pred', NOISE_PRED_WANTED_INPUT, 'sample') : rewritten.graph;
+        const graph =
+          ntxent?.noisePred === true && cpu
+            ? conditionalOutput(conditionalOutput(rewritten.graph, 'noise_pred', NOISE_PRED_WANTED_INPUT, 'sample'), gradientOutput('sample'), GRADIENT_WANTED_INPUT, 'sample')
+            : rewritten.graph;
         // Bound against the plain UNet's parameters, so the VJP graph shares its weights file.
         const bound = bindWeights(this.buildGraph('unet').params, this.model.weights('unet'));
         const prepared = prepareModelFiles(graph, bound, { cacheDir: this.cacheDir, component: 'unet', ...(patch === undefined ? {} : { patch }) });
@@ -832,6 +852,7 @@ export class Sd15Engine {
             [cotangentInput('xattn')]: { dtype: 'float32', shape: expected.xattn!, data: new Float32Array(expected.xattn!.reduce((a, d) => a * d, 1)) },
             [cotangentInput(NTXENT_LOSS_OUTPUT)]: { dtype: 'float32', shape: [lossImages], data: new Float32Array(lossImages).fill(1) },
             [NOISE_PRED_WANTED_INPUT]: { dtype: 'bool', shape: [], data: Uint8Array.of(ntxent.skipNoisePred === true ? 0 : 1) },
+            [GRADIENT_WANTED_INPUT]: { dtype: 'bool', shape: [], data: Uint8Array.of(ntxent.skipGradient === true ? 0 : 1) },
           };
     if (adapters !== undefined && adapters.mode === 'bank') {
       const K = adapters.stack.size;
@@ -853,7 +874,7 @@ export class Sd15Engine {
       xattn: f32(out.xattn!),
       selfattn: out.selfattn === undefined ? { dtype: 'float32', shape: [0], data: new Float32Array() } : f32(out.selfattn),
       ...(out.xattn_region === undefined ? {} : { xattnRegion: f32(out.xattn_region) }),
-      gradSample: f32(out[gradientOutput('sample')]!),
+      gradSample: ntxent?.skipGradient === true ? { dtype: 'float32', shape: [0], data: new Float32Array() } : f32(out[gradientOutput('sample')]!),
       debugGradients,
       ...(out[NTXENT_LOSS_OUTPUT] === undefined ? {} : { ntxentLoss: f32(out[NTXENT_LOSS_OUTPUT]) }),
       ...(out.noise_pred === undefined || ntxent?.skipNoisePred === true ? {} : { noisePred: f32(out.noise_pred) }),
@@ -878,6 +899,11 @@ export class Sd15Engine {
     }
     const out = await (await this.session('vae_encoder')).run({ image: f32(image) });
     return { mean: f32(out.mean!), logvar: f32(out.logvar!), std: f32(out.std!), moments: f32(out.moments!) };
+  }
+
+  /** Whether CLoRA's one-pass gradient graph can also serve forward passes (`ntxent.skipGradient`): on the CPU. */
+  async gradientGraphSkipsBackward(): Promise<boolean> {
+    return (await this.plan()).device === 'cpu';
   }
 
   /**

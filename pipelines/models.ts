@@ -6,7 +6,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { PipelineError } from './errors.ts';
-import { ClipTokenizer, resolveLoraName, scanLoraFolders, type AdapterUse, type LoadedLora, type LoraLibraryEntry, type RegionInputs, type Sd15Engine, type Tensor, type UnetInput, type UnetVariant } from '../models/index.ts';
+import { ClipTokenizer, ntXentFeeds, resolveLoraName, scanLoraFolders, type AdapterUse, type LoadedLora, type LoraLibraryEntry, type RegionInputs, type Sd15Engine, type Tensor, type UnetInput, type UnetVariant } from '../models/index.ts';
 
 /** What prompt processing needs from the tokenizer. */
 export interface PromptTokenizer {
@@ -99,6 +99,14 @@ export interface DenoiserModel {
     request: DenoiseRequest,
     loss: { readonly temperature: number; readonly feeds: Readonly<Record<string, Tensor>>; readonly noisePred?: boolean; readonly skipNoisePred?: boolean },
   ): Promise<{ xattn: Tensor<'float32'>; loss: Float32Array; gradSample: Tensor<'float32'>; noisePred?: Tensor<'float32'> }>;
+  /**
+   * A forward pass (ε, and the xattn maps when asked for; `maps.selfattn` is then empty) through the
+   * session `ntXentVjp` uses with this temperature, its backward skipped: a machine that holds one
+   * UNet session only keeps it for CLoRA's forward-only steps too (`exclusivePasses`). Undefined
+   * when this denoiser cannot (no such graph on its device, or a request the graph has no inputs
+   * for: regions, deep features).
+   */
+  ntXentForward?(request: DenoiseRequest, loss: { readonly temperature: number }): Promise<DenoiseResult | undefined>;
 }
 
 export interface LatentDecoderModel {
@@ -251,6 +259,14 @@ export function engineModels(engine: Sd15Engine, options: { loraDirs?: readonly 
       async vjp(request, cotangents) {
         const out = await engine.runUnetVjp(unetInput(request), cotangents, request.adapters, { level: MAPS_LEVEL, ...(request.regions === undefined ? {} : regionVariant(request)) });
         return { maps: { xattn: out.xattn, selfattn: out.selfattn, ...(out.xattnRegion === undefined ? {} : { xattnRegion: out.xattnRegion }) }, gradSample: out.gradSample };
+      },
+      async ntXentForward(request, loss) {
+        if (request.regions !== undefined || request.deepFeature !== undefined || request.wantDeepFeature === true || !(await engine.gradientGraphSkipsBackward())) return undefined;
+        const empty: Tensor<'float32'> = { dtype: 'float32', shape: [0], data: new Float32Array() };
+        // The loss is computed and ignored: any valid picks do (row 0 of the maps).
+        const feeds = ntXentFeeds([{ slot: 0, token: 0, label: 0 }], 1, request.context.shape[1]!, () => 0);
+        const out = await engine.runUnetVjp(unetInput(request), { xattn: empty, selfattn: empty }, request.adapters, { level: MAPS_LEVEL, ntxent: { temperature: loss.temperature, feeds, noisePred: true, skipGradient: true } });
+        return { noisePred: out.noisePred!, ...(request.attentionMaps === true ? { maps: { xattn: out.xattn, selfattn: empty } } : {}) };
       },
       async ntXentVjp(request, loss) {
         const empty: Tensor<'float32'> = { dtype: 'float32', shape: [0], data: new Float32Array() };

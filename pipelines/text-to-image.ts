@@ -286,13 +286,22 @@ interface GradientPlan {
  * A denoiser that keeps only one kind of UNet pass in memory: before a gradient pass it releases
  * the forward sessions, before a forward pass the gradient sessions. For CLoRA's one-pass updates
  * on a machine without memory for both (see `exclusiveGradientBatch`): its update steps make
- * gradient passes only and its later steps forward passes only, so each image switches twice; the
- * denoiser is told so (`expectRebuilds`), which makes each rebuild a load of ONNX Runtime's
- * optimized copy (SD 1.5 at 512²: ≈ 30 s instead of ≈ 170 s for the gradient session).
+ * gradient passes only and its later steps forward passes only. The denoiser is told so
+ * (`expectRebuilds`), which makes each rebuild a load of ONNX Runtime's optimized copy (SD 1.5 at
+ * 512²: ≈ 30 s instead of ≈ 170 s for the gradient session).
+ *
+ * Where the denoiser can run a forward pass through the gradient session with its backward skipped
+ * (`ntXentForward`, the CPU), forward passes after the first gradient pass go there instead, so no
+ * session is released or rebuilt at all: `holdsGradientSession` then tells the caller the gradient
+ * session is still alive (release it when the job ends).
  */
-export function exclusivePasses(d: DenoiserModel): DenoiserModel {
+export function exclusivePasses(d: DenoiserModel): DenoiserModel & { readonly holdsGradientSession: () => boolean } {
   d.expectRebuilds?.(true);
   let current: 'forward' | 'gradient' | undefined;
+  // The temperature of the gradient passes (it selects their session); unset before the first.
+  let temperature: number | undefined;
+  // Off once the denoiser said it cannot (its device has no skippable backward).
+  let throughGradient = d.ntXentForward !== undefined;
   const use = async (kind: 'forward' | 'gradient') => {
     if (current === kind) return;
     if (kind === 'gradient') await d.releaseForwardPasses?.();
@@ -301,10 +310,27 @@ export function exclusivePasses(d: DenoiserModel): DenoiserModel {
   };
   return {
     ...d,
-    predict: async (request) => (await use('forward'), d.predict(request)),
+    holdsGradientSession: () => current === 'gradient',
+    predict: async (request) => {
+      if (throughGradient && current === 'gradient' && temperature !== undefined) {
+        const out = await d.ntXentForward!(request, { temperature });
+        if (out !== undefined) return out;
+        throughGradient = false;
+      }
+      await use('forward');
+      return d.predict(request);
+    },
     ...(d.maps === undefined ? {} : { maps: async (request: DenoiseRequest) => (await use('forward'), d.maps!(request)) }),
     ...(d.vjp === undefined ? {} : { vjp: async (request: DenoiseRequest, cot: DenoiseCotangents) => (await use('gradient'), d.vjp!(request, cot)) }),
-    ...(d.ntXentVjp === undefined ? {} : { ntXentVjp: async (request: DenoiseRequest, loss: Parameters<NonNullable<DenoiserModel['ntXentVjp']>>[1]) => (await use('gradient'), d.ntXentVjp!(request, loss)) }),
+    ...(d.ntXentVjp === undefined
+      ? {}
+      : {
+          ntXentVjp: async (request: DenoiseRequest, loss: Parameters<NonNullable<DenoiserModel['ntXentVjp']>>[1]) => {
+            await use('gradient');
+            temperature = loss.temperature;
+            return d.ntXentVjp!(request, loss);
+          },
+        }),
   };
 }
 
@@ -362,6 +388,9 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
   }
   const images: GeneratedImage[] = [];
   let rebuildsExpected = false;
+  // CLoRA's exclusive passes: one wrapper for the whole job, so a gradient session that also serves
+  // the forward passes stays alive from one batch to the next.
+  let exclusiveDenoiser: ReturnType<typeof exclusivePasses> | undefined;
   try {
     for (let b = 0; b < job.batchCount; b++) {
       const seeds = Array.from({ length: job.batchSize }, (_, i) => job.seed + BigInt(b * job.batchSize + i));
@@ -403,7 +432,7 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
             : regionsPlan === undefined
               ? createStrategy(strategy, setup, [job.batchSize, c, h, w])
               : regionsStrategy.create(setup, regionsPlan),
-        denoiser: exclusive ? exclusivePasses(models.denoiser) : models.denoiser,
+        denoiser: exclusive ? (exclusiveDenoiser ??= exclusivePasses(models.denoiser)) : models.denoiser,
         initialNoise,
         shape: [job.batchSize, c, h, w],
         steps: job.steps,
@@ -422,7 +451,9 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
       });
       // Short of memory, the VAE decode (and the next batch's forward passes) must not sit beside the
       // VJP session's ≈ 14 GiB (SD 1.5 at 512²): release it; the next batch's updates rebuild it.
-      if (shortOfMemory || exclusive) await models.denoiser.releaseGradientPasses?.();
+      // Unless the forward passes ran through it (`exclusivePasses` on the CPU): it is then the only
+      // UNet session, kept for the next batch (the VAE decoder's ≈ 1 GiB fits beside it).
+      if (shortOfMemory || (exclusive && exclusiveDenoiser?.holdsGradientSession() !== true)) await models.denoiser.releaseGradientPasses?.();
       for (let i = 0; i < job.batchSize; i++) {
         const latents: Tensor<'float32'> = { dtype: 'float32', shape: [1, c, h, w], data: finalLatents.slice(i * perImage, (i + 1) * perImage) };
         const image = await models.decoder.decode(latents);
@@ -438,6 +469,8 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
       }
     }
   } finally {
+    // The next job may need the memory for other sessions.
+    if (exclusiveDenoiser?.holdsGradientSession() === true) await models.denoiser.releaseGradientPasses?.();
     if (rebuildsExpected) models.denoiser.expectRebuilds?.(false);
   }
   return { images, sampler: choice.infotext, loras: applied, loraMode: mode };

@@ -188,3 +188,41 @@ test('exclusivePasses: announces rebuilds; a gradient pass releases the forward 
   await d.ntXentVjp!(request, loss);
   assert.deepEqual(log, ['expect rebuilds: true', 'release forward', 'ntxent', 'ntxent', 'vjp', 'release gradient', 'predict', 'maps', 'release forward', 'ntxent']);
 });
+
+test('exclusivePasses with ntXentForward: after the first gradient pass, forward passes run through the gradient session (nothing released); a denoiser that cannot falls back once for good', async () => {
+  const eps = { dtype: 'float32' as const, shape: [1], data: new Float32Array(1) };
+  const make = (can: boolean) => {
+    const log: string[] = [];
+    const inner: DenoiserModel = {
+      predict: async () => (log.push('predict'), { noisePred: eps }),
+      ntXentVjp: async (_r, loss) => (log.push(`ntxent ${loss.temperature}`), { xattn: eps, loss: new Float32Array(1), gradSample: eps }),
+      ntXentForward: async (_r, loss) => (log.push(`forward through gradient ${loss.temperature}${can ? '' : ': cannot'}`), can ? { noisePred: eps } : undefined),
+      releaseForwardPasses: async () => void log.push('release forward'),
+      releaseGradientPasses: async () => void log.push('release gradient'),
+      expectRebuilds: () => undefined,
+    };
+    return { log, d: exclusivePasses(inner) };
+  };
+  const request = { sample: eps, timestep: 1, context: eps } as unknown as DenoiseRequest;
+  const loss = { temperature: 0.25, feeds: {} };
+  {
+    const { log, d } = make(true);
+    await d.predict(request);
+    assert.equal(d.holdsGradientSession(), false);
+    await d.ntXentVjp!(request, loss);
+    await d.predict(request);
+    await d.predict(request);
+    await d.ntXentVjp!(request, loss);
+    assert.equal(d.holdsGradientSession(), true);
+    assert.deepEqual(log, ['release gradient', 'predict', 'release forward', 'ntxent 0.25', 'forward through gradient 0.25', 'forward through gradient 0.25', 'ntxent 0.25']);
+  }
+  {
+    const { log, d } = make(false);
+    await d.ntXentVjp!(request, loss);
+    await d.predict(request);
+    await d.ntXentVjp!(request, loss);
+    await d.predict(request);
+    assert.equal(d.holdsGradientSession(), false);
+    assert.deepEqual(log, ['release forward', 'ntxent 0.25', 'forward through gradient 0.25: cannot', 'release gradient', 'predict', 'release forward', 'ntxent 0.25', 'release gradient', 'predict']);
+  }
+});

@@ -30,6 +30,7 @@ export function conditionalOutput(graph: Graph, output: string, condition: strin
   }
   const producer = new Map<string, number>();
   graph.nodes.forEach((n, i) => n.outputs.forEach((o) => producer.set(o, i)));
+  const reads = graph.nodes.map(valuesRead);
   /** Indices of the nodes the given values depend on. */
   const ancestors = (roots: readonly string[]): Set<number> => {
     const seen = new Set<number>();
@@ -38,23 +39,18 @@ export function conditionalOutput(graph: Graph, output: string, condition: strin
       const i = producer.get(stack.pop()!);
       if (i === undefined || seen.has(i)) continue;
       seen.add(i);
-      for (const v of graph.nodes[i]!.inputs) if (v !== '') stack.push(v);
+      for (const v of reads[i]!) stack.push(v);
     }
     return seen;
   };
-  // Nodes of parameters and constants only (a norm's weight reshaped to (1, C, 1, 1)): ONNX Runtime
-  // folds them when the session is created. Inside a branch it writes each folded value twice into
-  // the optimized copy of the model (`optimizedCache`), which it then refuses to load, so they stay outside.
-  const staticValues = new Set([...graph.params.map((p) => p.name), ...graph.constants.map((c) => c.name)]);
-  const isStatic = new Set<number>();
-  graph.nodes.forEach((n, i) => {
-    if (n.inputs.every((v) => v === '' || staticValues.has(v))) {
-      isStatic.add(i);
-      for (const o of n.outputs) staticValues.add(o);
-    }
-  });
+  // Nodes of parameters and constants only that feed the branch alone move with it (a norm's weight
+  // reshaped to (1, C, 1, 1), the backward's flipped conv kernels W̃): ONNX Runtime folds them inside
+  // the branch, outer-scope weights included, and its NCHWc layout pass rewrites a convolution only
+  // when the kernel is an initializer of the graph the node is in (folded outside, the backward's
+  // convolutions stayed plain NCHW). It writes each folded value twice into the optimized copy
+  // (`repairOptimizedModel` drops the duplicates).
   const shared = ancestors(graph.outputs.filter((o) => o.name !== output).map((o) => o.name));
-  const tail = [...ancestors([output])].filter((i) => !shared.has(i) && !isStatic.has(i)).sort((a, b) => a - b);
+  const tail = [...ancestors([output])].filter((i) => !shared.has(i)).sort((a, b) => a - b);
   if (tail.length === 0) throw new ModelError('GRAPH_BUILD', `conditionalOutput: ${output} of ${graph.name} needs no node of its own`, { output });
   const names = new Set([...graph.inputs.map((i) => i.name), ...graph.nodes.flatMap((n) => n.outputs), ...graph.constants.map((c) => c.name), ...graph.params.map((p) => p.name)]);
   for (const v of [condition, `${output}.computed`, `${output}.skipped`]) {
@@ -64,8 +60,8 @@ export function conditionalOutput(graph: Graph, output: string, condition: strin
   const outside = graph.nodes.filter((_, i) => !moved.has(i));
   // Parameters only the branch reads become its own initializers: ONNX Runtime's layout pass (NCHWc
   // convolutions) rewrites only weights that are initializers of the graph the node is in.
-  const readOutside = new Set(outside.flatMap((n) => n.inputs));
-  const readInside = new Set(tail.flatMap((i) => graph.nodes[i]!.inputs));
+  const readOutside = new Set(outside.flatMap(valuesRead));
+  const readInside = new Set(tail.flatMap((i) => reads[i]!));
   const local = graph.params.filter((p) => readInside.has(p.name) && !readOutside.has(p.name));
   const localNames = new Set(local.map((p) => p.name));
   // ONNX forbids a subgraph value shadowing an outer one: inside, the output is `<output>.computed`.
@@ -95,4 +91,18 @@ export function conditionalOutput(graph: Graph, output: string, condition: strin
     nodes: [...outside, branch],
     params: graph.params.filter((p) => !localNames.has(p.name)),
   };
+}
+
+/**
+ * The values a node reads: its inputs and, for a node with subgraphs (an earlier `If`), every value
+ * a subgraph reads from outside itself (ONNX outer-scope references).
+ */
+function valuesRead(n: NodeDecl): string[] {
+  const out = n.inputs.filter((v) => v !== '');
+  for (const [, a] of n.attributes) {
+    if (a.kind !== 'graph') continue;
+    const own = new Set([...(a.value.params ?? []).map((p) => p.name), ...a.value.nodes.flatMap((m) => m.outputs)]);
+    for (const m of a.value.nodes) for (const v of valuesRead(m)) if (!own.has(v)) out.push(v);
+  }
+  return out;
 }
