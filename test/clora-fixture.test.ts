@@ -17,7 +17,7 @@ import { Sd15Engine, openSafetensors } from '../models/index.ts';
 import { engineModels, generate, normalizeJob, type GenerateJob, type SdModels } from '../pipelines/index.ts';
 import { latentTools } from '../pipelines/denoise.ts';
 import { DEFAULT_COMMA_BACKTRACK } from '../pipelines/conditioning.ts';
-import { loadJobLoras } from '../pipelines/text-to-image.ts';
+import { exclusivePasses, loadJobLoras } from '../pipelines/text-to-image.ts';
 import { createScheduler, parseSchedulerConfig, type Scheduler } from '../pipelines/schedulers/index.ts';
 import { cloraBranches, cloraDefaults, cloraEntries, cloraLoss, cloraMasks, planClora, slotMaps, type CloraEvent, type CloraPlan } from '../pipelines/strategies/clora.ts';
 import { maskedMean } from '../pipelines/strategies/gradient-masks.ts';
@@ -221,6 +221,42 @@ describe('CLoRA reproduces the reference run (clora/seed53_256x256)', () => {
     }
     assert.ok(onePassSteps > 0, 'the reference run has update steps');
     t.diagnostic(`max |diff|: slot predictions ${worst.slots.toExponential(2)} (one pass ${worst.onePass.toExponential(2)}), maps ${worst.maps.toExponential(2)} (one pass ${worst.onePassMaps.toExponential(2)}), fused ε ${worst.eps.toExponential(2)}, latents out ${worst.out.toExponential(2)}`);
+  });
+
+  test('the exclusive mode on the CPU: after a gradient pass, the forward-only steps run through the gradient session (backward skipped) and match the reference', async (t) => {
+    const fwd = read('step.latents_fwd').data;
+    const slots = read('step.noise_pred_slots').data;
+    const maps = read('step.attn_maps').data;
+    const calls: string[] = [];
+    const d = models.denoiser;
+    const spied = {
+      ...d,
+      predict: async (r: Parameters<typeof d.predict>[0]) => (calls.push('forward session'), d.predict(r)),
+      ntXentForward: async (r: Parameters<NonNullable<typeof d.ntXentForward>>[0], l: { temperature: number }) => (calls.push(`through gradient ${l.temperature}`), d.ntXentForward!(r, l)),
+      releaseForwardPasses: async () => (calls.push('release forward'), d.releaseForwardPasses!()),
+      releaseGradientPasses: async () => (calls.push('release gradient'), d.releaseGradientPasses!()),
+    };
+    const ex = exclusivePasses(spied);
+    const scheduler = { timesteps, scaleModelInput: (x: Float32Array) => Float32Array.from(x) } as unknown as Scheduler;
+    const exTools = (i: number) => latentTools({ scheduler, denoiser: ex, shape, adapters: { stack, mode: 'bank' }, oneGradientGraph: true }, i);
+    try {
+      await exTools(0).ntXentVjp!(cloraBranches(plan, 0), fwd.slice(0, per), cloraEntries(plan), c.knobs.temperature, { outputs: true });
+      const worst = { slots: 0, maps: 0 };
+      let forwardSteps = 0;
+      for (let i = c.knobs.max_iter_to_alter; i < job.steps; i++) {
+        const outputs = await exTools(i).run(cloraBranches(plan, i), fwd.slice(i * per, (i + 1) * per));
+        worst.slots = Math.max(worst.slots, assertClose(Float32Array.from(outputs.flatMap((o) => [...o.eps])), slots.subarray(i * 6 * per, (i + 1) * 6 * per), tol.per_step.noise_pred_slots_atol, `step ${i} slot predictions`));
+        const perSlot = slotMaps(outputs.map((o) => o.maps!));
+        worst.maps = Math.max(worst.maps, assertClose(Float32Array.from(perSlot.flatMap((m) => [...m])), maps.subarray(i * 3 * 64 * 77, (i + 1) * 3 * 64 * 77), tol.per_step.attn_maps_atol, `step ${i} maps`));
+        forwardSteps++;
+      }
+      assert.ok(forwardSteps > 0, 'the reference run has forward-only steps');
+      assert.deepEqual(calls, ['release forward', ...Array<string>(forwardSteps).fill(`through gradient ${c.knobs.temperature}`)], 'no session released or rebuilt after the gradient pass');
+      assert.equal(ex.holdsGradientSession(), true);
+      t.diagnostic(`${forwardSteps} forward-only steps through the gradient session, max |diff|: slot predictions ${worst.slots.toExponential(2)}, maps ${worst.maps.toExponential(2)}`);
+    } finally {
+      d.expectRebuilds!(false);
+    }
   });
 
   test('free-running through generate: the logged update schedule and losses, the final latents; every update in one pass', async (t) => {

@@ -18,6 +18,46 @@ import { Sd15Engine, ntXentFeeds, type Tensor } from '../models/index.ts';
 import { FIXTURES, REF, assertClose, refCases } from './fixtures.ts';
 import { openSafetensors } from '../models/safetensors.ts';
 
+/** The If nodes of an ONNX model file: their outputs and the `domain:op` of every node of their then branch (a minimal protobuf walk). */
+function ifBranches(bytes: Uint8Array): Array<{ outputs: string[]; thenOps: string[] }> {
+  const fields = (b: Uint8Array): Array<[number, Uint8Array | number]> => {
+    const out: Array<[number, Uint8Array | number]> = [];
+    let i = 0;
+    const varint = () => {
+      let v = 0;
+      for (let s = 1; ; s *= 128) {
+        const c = b[i++]!;
+        v += (c & 127) * s;
+        if (c < 128) return v;
+      }
+    };
+    while (i < b.length) {
+      const key = varint();
+      const wire = key % 8;
+      if (wire === 0) out.push([Math.floor(key / 8), varint()]);
+      else if (wire === 2) {
+        const n = varint();
+        out.push([Math.floor(key / 8), b.subarray(i, i + n)]);
+        i += n;
+      } else i += wire === 5 ? 4 : 8;
+    }
+    return out;
+  };
+  const text = (v: Uint8Array | number) => Buffer.from(v as Uint8Array).toString('utf8');
+  const nodes = (graph: Uint8Array) => fields(graph).filter(([f]) => f === 1).map(([, v]) => fields(v as Uint8Array));
+  const graph = fields(bytes).find(([f]) => f === 7)![1] as Uint8Array;
+  return nodes(graph)
+    .filter((n) => n.some(([f, v]) => f === 4 && text(v) === 'If'))
+    .map((n) => {
+      const then = n.filter(([f]) => f === 5).map(([, v]) => fields(v as Uint8Array)).find((a) => a.some(([f, v]) => f === 1 && text(v) === 'then_branch'))!;
+      const thenGraph = then.find(([f]) => f === 6)![1] as Uint8Array;
+      return {
+        outputs: n.filter(([f]) => f === 2).map(([, v]) => text(v)),
+        thenOps: nodes(thenGraph).map((m) => `${text(m.find(([f]) => f === 7)?.[1] ?? new Uint8Array())}:${text(m.find(([f]) => f === 4)![1])}`),
+      };
+    });
+}
+
 /** A 3×3 conv with a 16 × 8 × 3 × 3 weight (4.6 kB, above the copy's external-data threshold), then a SiLU. */
 function convModel(): Uint8Array {
   const g = new Ops('conv');
@@ -233,10 +273,16 @@ describe('engine: optimized copies of the UNet sessions (tiny fixture model)', (
     const entries = [{ slot: 0, token: 1, label: 0 }, { slot: 1, token: 2, label: 0 }, { slot: 0, token: 3, label: 1 }, { slot: 1, token: 3, label: 1 }];
     const feeds = ntXentFeeds(entries, 1, unet.encoderHiddenStates.shape[1]!);
     const empty: Tensor<'float32'> = { dtype: 'float32', shape: [0], data: new Float32Array() };
-    const call = (skip: boolean) => engine.runUnetVjp(input, { xattn: empty, selfattn: empty }, undefined, { ntxent: { temperature: 0.5, feeds, noisePred: true, ...(skip ? { skipNoisePred: true } : {}) } });
+    const call = (skip: boolean, skipGradient = false) =>
+      engine.runUnetVjp(input, { xattn: empty, selfattn: empty }, undefined, { ntxent: { temperature: 0.5, feeds, noisePred: true, ...(skip ? { skipNoisePred: true } : {}), ...(skipGradient ? { skipGradient: true } : {}) } });
     try {
       engine.expectSessionRebuilds();
-      const [whole, skipped] = [await call(false), await call(true)];
+      const [whole, skipped, forwardOnly] = [await call(false), await call(true), await call(false, true)];
+      // The backward skipped: the same ε and maps, no gradient.
+      assert.deepEqual(forwardOnly.noisePred!.data, whole.noisePred!.data);
+      assert.deepEqual(forwardOnly.xattn.data, whole.xattn.data);
+      assert.deepEqual(forwardOnly.gradSample.shape, [0]);
+      await assert.rejects(call(true, true), /neither ε nor the gradient/);
       assert.equal(whole.noisePred?.shape.join(','), input.sample.shape.join(','));
       assert.equal(skipped.noisePred, undefined, 'no ε when skipped');
       assert.deepEqual(skipped.gradSample.data, whole.gradSample.data);
@@ -247,6 +293,14 @@ describe('engine: optimized copies of the UNet sessions (tiny fixture model)', (
       // does not load without the repair (`repairOptimizedModel`); the repaired copy does.
       const copy = path.join(cacheDir, written[0]!);
       const inode = fs.statSync(copy).ino;
+      // Two branches: ε, and the backward, whose convolutions (flipped kernels folded inside the
+      // branch) ONNX Runtime runs in its blocked NCHWc layout, as it does outside a branch.
+      const branches = ifBranches(fs.readFileSync(copy));
+      assert.deepEqual(branches.map((b) => b.outputs).sort(), [['grad_sample'], ['noise_pred']]);
+      for (const b of branches) {
+        const convs = b.thenOps.filter((op) => op.endsWith(':Conv'));
+        assert.ok(convs.length > 0 && convs.every((op) => op === 'com.microsoft.nchwc:Conv'), `${b.outputs[0]}: ${convs.filter((op) => op !== 'com.microsoft.nchwc:Conv').length} of ${convs.length} convolutions not NCHWc`);
+      }
       await (await OrtSession.create(copy, { device: 'cpu' })).dispose();
       await engine.releaseGradientSessions();
       const [again, againSkipped] = [await call(false), await call(true)];
@@ -255,6 +309,7 @@ describe('engine: optimized copies of the UNet sessions (tiny fixture model)', (
       assert.deepEqual(again.gradSample.data, whole.gradSample.data);
       assert.deepEqual(again.ntxentLoss!.data, whole.ntxentLoss!.data);
       assert.deepEqual(againSkipped.gradSample.data, whole.gradSample.data);
+      assert.deepEqual((await call(false, true)).noisePred!.data, whole.noisePred!.data);
       // ε equals the forward pass's.
       const forward = await engine.runUnet(input);
       assertClose(whole.noisePred!.data, forward.noise_pred!.data, 1e-5, 'one-pass ε vs forward');

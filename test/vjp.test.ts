@@ -16,9 +16,10 @@ import { parseUnetConfig } from '../models/networks/config.ts';
 import { buildUnetGraph } from '../models/networks/unet.ts';
 import { buildUnetMapsGraph, buildUnetNtXentVjpGraph, buildUnetVjpGraph, NTXENT_LOSS_OUTPUT } from '../models/networks/unet-vjp.ts';
 import { conditionalOutput } from '../models/onnx/conditional-output.ts';
+import { Ops } from '../models/onnx/ops.ts';
 import { dumpGraph } from '../models/onnx/dump.ts';
 import { serializeModel } from '../models/onnx/serialize.ts';
-import { vjpOpTypes } from '../models/onnx/vjp.ts';
+import { gradientOutput, vjpOpTypes } from '../models/onnx/vjp.ts';
 import { NON_DIFFERENTIABLE } from '../models/onnx/vjp-rules.ts';
 import type { Graph } from '../models/onnx/builder.ts';
 import { FIXTURES, REF, assertClose, refCases } from './fixtures.ts';
@@ -299,6 +300,49 @@ describe('UNet VJP graph', () => {
     assert.throws(() => conditionalOutput(full, 'noise_pred', 'timestep', 'sample'), /already has a value timestep/);
     assert.throws(() => conditionalOutput(full, 'noise_pred', 'want_eps', 'ntxent.pick_cond'), /no float32 input ntxent.pick_cond/);
     assert.throws(() => conditionalOutput(full, 'xattn', 'want_eps', 'sample'), /needs no node of its own/);
+  });
+
+  test('conditional gradient: after ε, the backward moves into a second If; what the ε branch reads stays outside', () => {
+    const full = buildUnetNtXentVjpGraph(tinyUnet(), { level: 2, temperature: 0.5, noisePred: true });
+    const eps = conditionalOutput(full, 'noise_pred', 'want_eps', 'sample');
+    const g = conditionalOutput(eps, gradientOutput('sample'), 'want_grad', 'sample');
+    assert.deepEqual(g.inputs.slice(-2).map((i) => i.name), ['want_eps', 'want_grad']);
+    const ifs = g.nodes.filter((n) => n.opType === 'If');
+    assert.deepEqual(ifs.map((n) => n.outputs), [['noise_pred'], [gradientOutput('sample')]]);
+    const branch = (n: (typeof ifs)[number], which: string) => {
+      const a = new Map(n.attributes).get(which);
+      assert.ok(a?.kind === 'graph');
+      return a.value;
+    };
+    const epsThen = branch(ifs[0]!, 'then_branch');
+    const gradThen = branch(ifs[1]!, 'then_branch');
+    assert.deepEqual(branch(ifs[1]!, 'else_branch').nodes.map((n) => [n.opType, ...n.inputs]), [['Identity', 'sample']]);
+    const outside = g.nodes.filter((n) => n.opType !== 'If');
+    // The ε branch is untouched; every backward node is in the gradient branch, none outside.
+    assert.deepEqual(epsThen.nodes.map((n) => n.name), branch(eps.nodes.at(-1)!, 'then_branch').nodes.map((n) => n.name));
+    assert.ok(outside.every((n) => !n.name.startsWith('grad.')));
+    assert.ok(eps.nodes.filter((n) => n.name.startsWith('grad.')).every((n) => gradThen.nodes.some((m) => m.name === n.name)));
+    // The up path's values the ε branch reads (outer-scope references) are still computed outside,
+    // though the backward reads some of them too.
+    const producedOutside = new Set([...g.inputs.map((i) => i.name), ...outside.flatMap((n) => n.outputs), ...g.params.map((p) => p.name), ...g.constants.map((c) => c.name)]);
+    const epsOwn = new Set([...epsThen.nodes.flatMap((n) => n.outputs), ...(epsThen.params ?? []).map((p) => p.name)]);
+    const epsReads = epsThen.nodes.flatMap((n) => n.inputs).filter((v) => v !== '' && !epsOwn.has(v));
+    assert.ok(epsReads.length > 0 && epsReads.every((v) => producedOutside.has(v)), `read by the ε branch but not computed outside: ${epsReads.filter((v) => !producedOutside.has(v)).slice(0, 3).join(', ')}`);
+    const gradOwn = new Set([...gradThen.nodes.flatMap((n) => n.outputs), ...(gradThen.params ?? []).map((p) => p.name)]);
+    const gradReads = new Set(gradThen.nodes.flatMap((n) => n.inputs).filter((v) => v !== '' && !gradOwn.has(v)));
+    assert.ok(epsReads.some((v) => gradReads.has(v)), 'some values are read by both branches');
+    // A value read only by an earlier branch and by the new output's nodes stays outside (the walk
+    // counts a branch's outer-scope reads as the If node's inputs).
+    const small = new Ops('small');
+    const x = small.input('x', 'float32', [2]);
+    const a = small.node('Relu', [x])[0]!;
+    small.output(small.node('Neg', [a])[0]!, 'first', 'float32', [2]);
+    small.output(small.node('Exp', [a])[0]!, 'second', 'float32', [2]);
+    small.output(small.node('Sigmoid', [x])[0]!, 'third', 'float32', [2]);
+    const both = conditionalOutput(conditionalOutput(small.finish(), 'first', 'c1', 'x'), 'second', 'c2', 'x');
+    assert.deepEqual(both.nodes.map((n) => n.opType), ['Relu', 'Sigmoid', 'Identity', 'If', 'If']);
+    // A partition of the nodes.
+    assert.deepEqual([...outside, ...epsThen.nodes, ...gradThen.nodes].map((n) => n.name).sort(), full.nodes.map((n) => n.name).sort());
   });
 
   test('recomputeAttention: the level-0 self-attention cores recompute their probabilities per head', () => {
