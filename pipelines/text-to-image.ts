@@ -52,6 +52,11 @@ export interface GenerateOptions {
   readonly maxGradientBatch?: number;
   /** What the gradient-guided strategies report (updates, masks, re-initialisation), per batch. */
   readonly onStrategyEvent?: (event: CloraEvent | ComposerEvent, batch: number) => void;
+  /**
+   * The RAM, in bytes, the batch caps and the session plan are sized for (default: the machine's,
+   * `os.totalmem()`): less leaves room for other programs.
+   */
+  readonly memoryBytes?: number;
 }
 
 /**
@@ -336,6 +341,9 @@ export function exclusivePasses(d: DenoiserModel): DenoiserModel & { readonly ho
 
 /** Run a normalized job on the given models. */
 export async function generate(job: GenerateJob, models: SdModels, options: GenerateOptions = {}): Promise<GenerateResult> {
+  if (options.memoryBytes !== undefined && !(Number.isFinite(options.memoryBytes) && options.memoryBytes > 0)) {
+    throw new PipelineError('BAD_ARGUMENT', `memoryBytes must be a positive number of bytes, got ${options.memoryBytes}.`, { field: 'memoryBytes' });
+  }
   // 1. sampler and scheduler.
   const choice = resolveSampler(job.sampler, job.scheduleType);
   const schedulerConfig = parseSchedulerConfig(models.schedulerConfig, 'scheduler config');
@@ -406,17 +414,18 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
       const onEvent = options.onStrategyEvent === undefined ? undefined : (e: CloraEvent | ComposerEvent) => options.onStrategyEvent!(e, b);
       // Gradient strategies keep a forward and a VJP session (and a maps-only one unless memory is
       // short: then the maps come from the forward session, see `gradientMemoryIsShort`).
-      const shortOfMemory = gradientPlan !== undefined && gradientMemoryIsShort(h, w);
+      const memory = options.memoryBytes ?? os.totalmem();
+      const shortOfMemory = gradientPlan !== undefined && gradientMemoryIsShort(h, w, memory);
       const sharedSessions = shortOfMemory ? 3 : (strategy.name === 'cmlora' && strategy.cacheInterval !== 1) || gradientPlan !== undefined ? 2 : 1;
-      const sharedGradientBatch = options.maxGradientBatch ?? Math.min(options.maxBatch ?? defaultMaxBatch(h, w, sharedSessions), defaultGradientBatch(h, w));
+      const sharedGradientBatch = options.maxGradientBatch ?? Math.min(options.maxBatch ?? defaultMaxBatch(h, w, sharedSessions, memory), defaultGradientBatch(h, w, memory));
       // CLoRA's one-pass update, when its 2P slot samples do not fit a gradient call beside the forward
       // sessions but do with the gradient session alone (SD 1.5 at 512² on 24 or 32 GB). Caps the caller
       // set are kept as they are.
       const onePassSamples = (gradientPlan?.onePassSamples ?? 0) * job.batchSize;
       const exclusive =
-        onePassSamples > sharedGradientBatch && options.maxBatch === undefined && options.maxGradientBatch === undefined && exclusiveGradientBatch(h, w) >= onePassSamples;
+        onePassSamples > sharedGradientBatch && options.maxBatch === undefined && options.maxGradientBatch === undefined && exclusiveGradientBatch(h, w, memory) >= onePassSamples;
       const sessions = exclusive ? 1 : sharedSessions;
-      const maxBatch = options.maxBatch ?? defaultMaxBatch(h, w, sessions);
+      const maxBatch = options.maxBatch ?? defaultMaxBatch(h, w, sessions, memory);
       const gradientBatch = exclusive ? onePassSamples : sharedGradientBatch;
       // Sessions released during or after this batch are built again: have their builds keep
       // ONNX Runtime's optimized copies (until the job ends).
@@ -453,7 +462,7 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
       // VJP session's ≈ 14 GiB (SD 1.5 at 512²): release it; the next batch's updates rebuild it.
       // Unless the forward passes ran through it (`exclusivePasses` on the CPU): it is then the only
       // UNet session, kept for the next batch (the VAE decoder's ≈ 1 GiB fits beside it).
-      if (shortOfMemory || (exclusive && exclusiveDenoiser?.holdsGradientSession() !== true)) await models.denoiser.releaseGradientPasses?.();
+      if ((shortOfMemory || exclusive) && !(exclusive && exclusiveDenoiser?.holdsGradientSession() === true)) await models.denoiser.releaseGradientPasses?.();
       for (let i = 0; i < job.batchSize; i++) {
         const latents: Tensor<'float32'> = { dtype: 'float32', shape: [1, c, h, w], data: finalLatents.slice(i * perImage, (i + 1) * perImage) };
         const image = await models.decoder.decode(latents);

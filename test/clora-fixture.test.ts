@@ -298,6 +298,35 @@ describe('CLoRA reproduces the reference run (clora/seed53_256x256)', () => {
     t.diagnostic(`max |diff|: losses ${dl.toExponential(2)}, final latents ${df.toExponential(2)} (atol ${tol.end_to_end.final_latents_atol}; fp32 vs fp64 ${c.fp32_vs_fp64.free_running.final_latents.max_abs.toExponential(2)})`);
   });
 
+  test('exclusive mode through generate (a 4 GiB memory plan), two images: the gradient session serves every pass, is never rebuilt between images, and is released when the job ends', async (t) => {
+    const calls: string[] = [];
+    const d = models.denoiser;
+    const spied = {
+      ...models,
+      denoiser: {
+        ...d,
+        predict: (r: never) => (calls.push('forward session'), d.predict(r)),
+        maps: (r: never) => (calls.push('maps session'), d.maps!(r)),
+        ntXentVjp: (r: never, l: never) => (calls.push('gradient'), d.ntXentVjp!(r, l)),
+        ntXentForward: (r: never, l: never) => (calls.push('forward through gradient'), d.ntXentForward!(r, l)),
+        releaseForwardPasses: async () => (calls.push('release forward'), d.releaseForwardPasses!()),
+        releaseGradientPasses: async () => (calls.push('release gradient'), d.releaseGradientPasses!()),
+      },
+    };
+    const finished: number[] = [];
+    const result = await generate({ ...job, batchCount: 2 }, spied, { memoryBytes: 4 * 1024 ** 3, initLatents: ref.readFloat32(c.inputs.latents_init.key), onImage: () => void finished.push(calls.length) });
+    const [first, last] = finished as [number, number];
+    const kinds = (from: number, to: number) => new Set(calls.slice(from, to));
+    assert.equal(calls[0], 'release forward', 'the first pass is a gradient pass, alone');
+    assert.deepEqual(kinds(1, first), new Set(['gradient', 'forward through gradient']), 'image 1: every pass through the one gradient session');
+    assert.deepEqual(kinds(first, last), new Set(['gradient', 'forward through gradient']), 'image 2: the same session, nothing released or rebuilt');
+    assert.deepEqual(calls.slice(last), ['release gradient'], 'released once, when the job ends');
+    const df = assertClose(result.images[0]!.finalLatents.data, read('final_latents').data, tol.end_to_end.final_latents_atol, 'final latents');
+    const second = result.images[1]!.finalLatents.data;
+    assert.ok(second.every(Number.isFinite) && second.some((v, i) => Math.abs(v - result.images[0]!.finalLatents.data[i]!) > 1e-3), 'the second image (its own seed) is another image');
+    t.diagnostic(`final latents max |diff| ${df.toExponential(2)} (atol ${tol.end_to_end.final_latents_atol})`);
+  });
+
   test('the default knobs are the notebook\'s, thresholds scaled as the fixture scales them', () => {
     assert.deepEqual(cloraDefaults(100), { stepSize: 20, updateUntil: 50, refineSteps: [0, 10, 20], refineRounds: 20, maskThreshold: 0.4, maskAfter: 0, temperature: 0.5, morphology: [], latentUpdate: true });
     const scaled = cloraDefaults(c.knobs.num_inference_steps);
