@@ -33,13 +33,15 @@ import { buildUnetMapsGraph, buildUnetNtXentVjpGraph, buildUnetVjpGraph, NTXENT_
 import { NTXENT_INPUTS } from './networks/ntxent-graph.ts';
 import { cotangentInput, gradientOutput } from './onnx/vjp.ts';
 import { hoistBankWeights, widenedWeight, type HoistedWeight } from './onnx/hoist-weights.ts';
-import { conditionalOutput } from './onnx/conditional-output.ts';
+import { branchCreatedBytes, conditionalOutput } from './onnx/conditional-output.ts';
 
 /**
  * The bool scalar input of CPU one-pass gradient graphs (`ntxent.noisePred`): false skips the UNet's
  * tail after the maps and returns no ε (`ntxent.skipNoisePred`).
  */
 export const NOISE_PRED_WANTED_INPUT = 'noise_pred_wanted';
+/** Above this many bytes created inside `If` branches, no optimized copy is written (protobuf's 2 GB limit, with a margin for the rest of the file). */
+const BRANCH_COPY_LIMIT_BYTES = 1.5e9;
 /**
  * The bool input of the same graph on the CPU that asks for the gradient: false skips the backward
  * (`ntxent.skipGradient`), so the session also serves forward passes (ε and the maps).
@@ -344,9 +346,15 @@ export class Sd15Engine {
     this.#rebuildsExpected = on;
   }
 
-  /** The session options that load or write a UNet graph's optimized copy, when that applies. */
-  #optimizedCacheFor(modelPath: string, device: ConcreteDevice): { optimizedCache?: string } {
+  /**
+   * The session options that load or write a UNet graph's optimized copy, when that applies. Not for
+   * a graph whose `If` branches would make ONNX Runtime's copy exceed protobuf's 2 GB limit
+   * (`branchCreatedBytes`; SD 1.5's one-pass gradient graph with its backward in a branch): the
+   * write would fail after the optimization, and the session be built a second time.
+   */
+  #optimizedCacheFor(modelPath: string, device: ConcreteDevice, graph?: Graph): { optimizedCache?: string } {
     if (this.#optimizedSessions === 'off' || device !== 'cpu') return {};
+    if (graph !== undefined && branchCreatedBytes(graph) > BRANCH_COPY_LIMIT_BYTES) return {};
     const copy = optimizedCachePath(modelPath);
     return this.#rebuildsExpected || fs.existsSync(copy) ? { optimizedCache: copy } : {};
   }
@@ -822,7 +830,7 @@ export class Sd15Engine {
         // Bound against the plain UNet's parameters, so the VJP graph shares its weights file.
         const bound = bindWeights(this.buildGraph('unet').params, this.model.weights('unet'));
         const prepared = prepareModelFiles(graph, bound, { cacheDir: this.cacheDir, component: 'unet', ...(patch === undefined ? {} : { patch }) });
-        const cached = this.#optimizedCacheFor(prepared.modelPath, plan.device);
+        const cached = this.#optimizedCacheFor(prepared.modelPath, plan.device, graph);
         const session = await OrtSession.create(prepared.modelPath, { device: this.device, ...(this.#threads === undefined ? {} : { threads: this.#threads }), ...cached });
         this.#pruneCopies(cached);
         if (hoisted.length > 0) this.#hoists.set(session, { weightsPath: prepared.weightsPath, params: prepared.params, hoisted });

@@ -15,7 +15,7 @@ import { AdapterStack, Sd15Engine, openSafetensors, type AdapterUse, type Loaded
 import { parseUnetConfig } from '../models/networks/config.ts';
 import { buildUnetGraph } from '../models/networks/unet.ts';
 import { buildUnetMapsGraph, buildUnetNtXentVjpGraph, buildUnetVjpGraph, NTXENT_LOSS_OUTPUT } from '../models/networks/unet-vjp.ts';
-import { conditionalOutput } from '../models/onnx/conditional-output.ts';
+import { branchCreatedBytes, conditionalOutput } from '../models/onnx/conditional-output.ts';
 import { Ops } from '../models/onnx/ops.ts';
 import { dumpGraph } from '../models/onnx/dump.ts';
 import { serializeModel } from '../models/onnx/serialize.ts';
@@ -343,6 +343,23 @@ describe('UNet VJP graph', () => {
     assert.deepEqual(both.nodes.map((n) => n.opType), ['Relu', 'Sigmoid', 'Identity', 'If', 'If']);
     // A partition of the nodes.
     assert.deepEqual([...outside, ...epsThen.nodes, ...gradThen.nodes].map((n) => n.name).sort(), full.nodes.map((n) => n.name).sort());
+  });
+
+  test('branchCreatedBytes: what ONNX Runtime creates inside branches (folded parameter chains, blocked conv kernels), each parameter once', () => {
+    const g = new Ops('created');
+    const x = g.input('x', 'float32', [1, 2, 5, 5]);
+    const kernel = g.param('kernel', [4, 2, 3, 3]); // 288 B, a conv kernel in the branch
+    const folded = g.param('folded', [3, 5]); // 60 B, transposed in the branch
+    const direct = g.param('direct', [5, 5]); // read as is in the branch: stays the file's
+    const outer = g.param('outer', [4, 2, 3, 3]); // a conv kernel outside: not counted
+    const y = g.node('Conv', [x, kernel], { pads: { kind: 'ints', value: [1, 1, 1, 1] } })[0]!;
+    const z = g.node('Conv', [y, g.transpose(kernel, [1, 0, 2, 3])], { pads: { kind: 'ints', value: [1, 1, 1, 1] } })[0]!;
+    const w = g.node('MatMul', [g.node('MatMul', [z, direct])[0]!, g.transpose(folded, [1, 0])])[0]!;
+    g.output(w, 'wanted', 'float32', undefined);
+    g.output(g.node('Conv', [x, outer])[0]!, 'other', 'float32', undefined);
+    const graph = g.finish();
+    assert.equal(branchCreatedBytes(graph), 0, 'no branch');
+    assert.equal(branchCreatedBytes(conditionalOutput(graph, 'wanted', 'c', 'x')), 288 + 60);
   });
 
   test('recomputeAttention: the level-0 self-attention cores recompute their probabilities per head', () => {

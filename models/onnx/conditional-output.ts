@@ -15,6 +15,7 @@
  */
 import { ModelError } from '../errors.ts';
 import type { Graph, IoDecl, NodeDecl } from './builder.ts';
+import { DTYPE_BYTES, numel } from '../tensor.ts';
 
 /**
  * Rewrite `graph` so `output` is computed only when the bool scalar input `condition` is true;
@@ -105,4 +106,52 @@ function valuesRead(n: NodeDecl): string[] {
     for (const m of a.value.nodes) for (const v of valuesRead(m)) if (!own.has(v)) out.push(v);
   }
   return out;
+}
+
+/**
+ * Bytes of the values ONNX Runtime will create inside the graph's `If` branches when it optimizes
+ * the session: each parameter a branch folds (through nodes of parameters and constants only, the
+ * backward's flipped kernels) or hands to a convolution (the NCHWc pass writes a blocked copy of
+ * every kernel) counts once. ONNX Runtime 1.30 writes every such value inline into its optimized
+ * copy of the model besides the external copy (microsoft/onnxruntime#32474), and protobuf refuses a
+ * model above 2 GB: SD 1.5's one-pass gradient graph with ε and the backward in branches comes to
+ * 2.18 GB, which ONNX Runtime fails to write after optimizing, and then the session is built again
+ * without the copy. Callers skip the copy above a margin instead.
+ */
+export function branchCreatedBytes(graph: Graph): number {
+  const params = new Map(graph.params.map((p) => [p.name, p]));
+  const constants = new Set(graph.constants.map((c) => c.name));
+  // The parameters each value of parameters and constants only is made of.
+  const madeOf = new Map<string, readonly string[]>();
+  const sourcesOf = (v: string): readonly string[] | undefined => (params.has(v) ? [v] : (madeOf.get(v) ?? (constants.has(v) ? [] : undefined)));
+  const counted = new Set<string>();
+  let total = 0;
+  const count = (name: string) => {
+    if (counted.has(name)) return;
+    counted.add(name);
+    const p = params.get(name)!;
+    total += numel(p.shape) * DTYPE_BYTES[p.dtype];
+  };
+  const walk = (nodes: readonly NodeDecl[], inBranch: boolean) => {
+    for (const n of nodes) {
+      const branches = n.attributes.flatMap(([, a]) => (a.kind === 'graph' ? [a.value] : []));
+      if (branches.length > 0) {
+        for (const b of branches) {
+          for (const p of b.params ?? []) params.set(p.name, p);
+          walk(b.nodes, true);
+        }
+        continue;
+      }
+      const sources = n.inputs.filter((v) => v !== '').map(sourcesOf);
+      if (sources.every((x) => x !== undefined)) {
+        const made = sources.flat();
+        for (const o of n.outputs) madeOf.set(o, made);
+        if (inBranch) made.forEach(count);
+      } else if (inBranch && n.opType === 'Conv' && n.inputs[1] !== undefined) {
+        sourcesOf(n.inputs[1])?.forEach(count);
+      }
+    }
+  };
+  walk(graph.nodes, false);
+  return total;
 }
