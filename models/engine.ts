@@ -29,7 +29,7 @@ import { loadLora, loraTargetsFromParams, type LoadedLora, type LdmModuleMap } f
 import { moduleLayers, unetModuleMap } from './keys/ldm.ts';
 import type { ParamPatch } from './weights.ts';
 import * as fs from 'node:fs';
-import { buildUnetMapsGraph, buildUnetNtXentVjpGraph, buildUnetVjpGraph, NTXENT_LOSS_OUTPUT, UNET_VJP_DEFAULT_LEVEL } from './networks/unet-vjp.ts';
+import { buildUnetMapsGraph, buildUnetNtXentVjpGraph, buildUnetVjpGraph, NTXENT_LOSS_OUTPUT, UNET_VJP_DEFAULT_LEVEL, resolveAttentionBackward, type AttentionBackward } from './networks/unet-vjp.ts';
 import { NTXENT_INPUTS } from './networks/ntxent-graph.ts';
 import { cotangentInput, gradientOutput } from './onnx/vjp.ts';
 import { hoistBankWeights, widenedWeight, type HoistedWeight } from './onnx/hoist-weights.ts';
@@ -76,10 +76,11 @@ export interface EngineOptions extends OpenModelOptions {
    */
   readonly hoistBankWeights?: boolean;
   /**
-   * Gradient (VJP) graphs recompute the level-0 self-attention probabilities in the backward, one
-   * head at a time, instead of keeping them from the forward (`onnx/vjp-attention.ts`; default true).
+   * The attention backward of the gradient (VJP) graphs (`UnetVjpOptions.attentionBackward`; default
+   * `auto`: the lean backward everywhere, the level-0 self-attention probabilities recomputed per head
+   * in the backward above 256² instead of kept from the forward).
    */
-  readonly recomputeAttention?: boolean;
+  readonly attentionBackward?: AttentionBackward;
   /**
    * ONNX Runtime's optimized copies of the UNet sessions (CPU only; `OrtSession`'s
    * `optimizedCache`): `auto` (default) loads a copy when one exists and writes one while rebuilds
@@ -326,7 +327,7 @@ export class Sd15Engine {
     this.cacheDir = options.cacheDir ?? defaultCacheDir();
     this.#threads = options.threads;
     this.#hoistWeights = options.hoistBankWeights !== false;
-    this.#recomputeAttention = options.recomputeAttention !== false;
+    this.#attentionBackward = options.attentionBackward ?? 'auto';
     this.#optimizedSessions = options.optimizedSessions ?? 'auto';
     this.#optimizedBytes = options.optimizedSessionBytes ?? 12 * 2 ** 30;
   }
@@ -370,7 +371,7 @@ export class Sd15Engine {
   }
 
   readonly #hoistWeights: boolean;
-  readonly #recomputeAttention: boolean;
+  readonly #attentionBackward: AttentionBackward;
   readonly #hoists = new WeakMap<OrtSession, Hoist>();
   /** Widened weights per `up` feed (the `up` tensors live as long as their stack's bank feeds). */
   readonly #widened = new WeakMap<Tensor, Tensor<'float32'>>();
@@ -800,7 +801,7 @@ export class Sd15Engine {
       adapterBank: bank,
       ...(families === undefined ? {} : { bankFamilies: families }),
       debugGradients: variant.debugGradients === true,
-      recomputeAttention: this.#recomputeAttention,
+      attentionBackward: resolveAttentionBackward(c, this.#attentionBackward, { height, width }),
       ...(variant.regions === true ? { regions: true, selfAttentionIsolation: variant.selfAttentionIsolation === true, regionOutputAdapters: variant.regionOutputAdapters === true } : {}),
     };
     // On the CPU one graph serves every CLoRA round: the whole UNet with ε in an If branch, skipped

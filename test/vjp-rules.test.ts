@@ -81,8 +81,10 @@ interface RuleCase {
   readonly build: (g: Ops, x: Readonly<Record<string, Value>>) => Value;
   /** Adapter-bank graphs are built with these module prefixes. */
   readonly bank?: readonly string[];
-  /** Attention cores recomputed in this many head groups (`VjpOptions.recomputeAttention`). */
+  /** Attention cores get the lean backward in this many head groups (`VjpOptions.leanAttention`). */
   readonly recomputeGroups?: number;
+  /** …reading the forward's probabilities instead of recomputing them. */
+  readonly keepProbs?: boolean;
 }
 
 const numel = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1);
@@ -122,13 +124,16 @@ const dot = (a: ArrayLike<number>, b: ArrayLike<number>) => {
 async function checkRule(c: RuleCase, seed: number): Promise<number> {
   const forward = buildForward(c);
   const wrt = Object.keys(c.inputs)[0]!;
-  const vjp = buildVjpGraph(forward, { outputs: ['y'], wrt, ...(c.recomputeGroups === undefined ? {} : { recomputeAttention: () => c.recomputeGroups }) });
+  const vjp = buildVjpGraph(forward, { outputs: ['y'], wrt, ...(c.recomputeGroups === undefined ? {} : { leanAttention: () => ({ probs: c.keepProbs === true ? ('keep' as const) : ('recompute' as const), groups: c.recomputeGroups! }) }) });
   if (c.recomputeGroups !== undefined) {
-    // The core was matched: one recomputed softmax per head group, none of the per-op softmax rule;
-    // in several groups, the forward runs in those groups too.
+    // The core was matched: one recomputed softmax per head group (none when the probabilities are
+    // kept), none of the per-op softmax rule; in several groups, the forward runs in those groups too.
     const softmaxes = vjp.nodes.filter((n) => n.opType === 'Softmax');
-    assert.equal(softmaxes.length, (c.recomputeGroups === 1 ? 1 : c.recomputeGroups) + c.recomputeGroups, `${c.name}: forward softmax(es) + one per head group`);
-    assert.ok(!vjp.nodes.some((n) => n.name.startsWith('grad.') && n.name.includes('Softmax/') && !n.name.includes('/recompute')), `${c.name}: no per-op softmax rule`);
+    const scope = c.keepProbs === true ? '/lean' : '/recompute';
+    assert.equal(softmaxes.length, c.recomputeGroups + (c.keepProbs === true ? 0 : c.recomputeGroups), `${c.name}: forward softmax per head group + recomputed ones`);
+    assert.ok(vjp.nodes.some((n) => n.name.includes(`Softmax${scope}/`)), `${c.name}: the lean backward`);
+    assert.ok(!vjp.nodes.some((n) => n.name.startsWith('grad.') && n.name.includes('Softmax/') && !n.name.includes(`${scope}/`)), `${c.name}: no per-op softmax rule`);
+    assert.ok(!vjp.nodes.some((n) => n.name.includes(`Softmax${scope}/`) && n.opType === 'Sub'), `${c.name}: dP − D inside the product`);
   }
   const normal = normalSource(seed);
   const feeds: Record<string, Tensor> = {};
@@ -284,10 +289,11 @@ const CASES: RuleCase[] = [
       return g.reshape(g.transpose(g.matmul(p, v), [0, 2, 1, 3]), [0, 0, 8]);
     },
   },
-  ...[1, 2, 3].map((groups): RuleCase => ({
-    name: `attention core recomputed in the backward, ${groups} head group(s) of 3 heads, with a score bias`,
+  ...[1, 2, 3].flatMap((groups) => [false, true].map((keep): RuleCase => ({
+    name: `attention core ${keep ? 'with its probabilities kept' : 'recomputed'} in the backward, ${groups} head group(s) of 3 heads, with a score bias`,
     inputs: { x: { shape: [2, 5, 6], dims: ['b', 'n', 6] } },
     recomputeGroups: groups,
+    keepProbs: keep,
     build: (g, { x }) => {
       const split = (v: Value, perm: number[]) => g.transpose(g.reshape(v, [0, 0, 3, 2]), perm);
       const q = split(g.matmul(x!, c([6, 6], 62)(g)), [0, 2, 1, 3]);
@@ -297,11 +303,12 @@ const CASES: RuleCase[] = [
       const p = g.softmax(scores, { dim: -1 });
       return g.mul(g.reshape(g.transpose(g.matmul(p, v), [0, 2, 1, 3]), [0, 0, 6]), c([6], 66)(g));
     },
-  })),
-  {
-    name: 'attention core recomputed, 2 of 4 heads per group, no bias (cross-attention: keys and values constant)',
+  }))),
+  ...[false, true].map((keep): RuleCase => ({
+    name: `attention core ${keep ? 'with its probabilities kept' : 'recomputed'}, 2 of 4 heads per group, no bias (cross-attention: keys and values constant)`,
     inputs: { x: { shape: [2, 5, 8] } },
     recomputeGroups: 2,
+    keepProbs: keep,
     build: (g, { x }) => {
       const split = (v: Value, perm: number[]) => g.transpose(g.reshape(v, [0, 0, 4, 2]), perm);
       const ctx = c([2, 3, 8], 67)(g);
@@ -311,7 +318,7 @@ const CASES: RuleCase[] = [
       const p = g.softmax(g.mul(g.matmul(q, k), g.scalar(0.5)), { dim: -1 });
       return g.reshape(g.transpose(g.matmul(p, v), [0, 2, 1, 3]), [0, 0, 8]);
     },
-  },
+  })),
   { name: 'SiLU and GELU (erf form)', inputs: { x: { shape: [3, 4] } }, build: (g, { x }) => g.add(g.silu(x!), g.gelu(g.mul(x!, g.scalar(1.5)))) },
   {
     name: 'GroupNorm → SiLU → strided conv → upsample to size → concat skip',

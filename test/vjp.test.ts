@@ -14,7 +14,7 @@ import * as path from 'node:path';
 import { AdapterStack, Sd15Engine, openSafetensors, type AdapterUse, type LoadedLora, type Tensor } from '../models/index.ts';
 import { parseUnetConfig } from '../models/networks/config.ts';
 import { buildUnetGraph } from '../models/networks/unet.ts';
-import { buildUnetMapsGraph, buildUnetNtXentVjpGraph, buildUnetVjpGraph, NTXENT_LOSS_OUTPUT } from '../models/networks/unet-vjp.ts';
+import { buildUnetMapsGraph, buildUnetNtXentVjpGraph, buildUnetVjpGraph, NTXENT_LOSS_OUTPUT, resolveAttentionBackward } from '../models/networks/unet-vjp.ts';
 import { branchCreatedBytes, conditionalOutput } from '../models/onnx/conditional-output.ts';
 import { Ops } from '../models/onnx/ops.ts';
 import { dumpGraph } from '../models/onnx/dump.ts';
@@ -153,10 +153,11 @@ describe('UNet VJP matches the reference gradients (tiny-sd15-ref vjp/*)', () =>
     assert.deepEqual(again.gradSample.data, first.gradSample.data);
   });
 
-  test('the level-0 self-attention backward with recomputed probabilities equals the per-op rules', async (t) => {
-    // The engine recomputes by default (the reference cases above run that path); here the same
-    // cases through an engine that keeps the probabilities, with a LoRA in the bank and batch 2.
-    const keep = Sd15Engine.open(MODEL, { device: 'cpu', cacheDir, recomputeAttention: false });
+  test('the lean attention backwards (probabilities kept or recomputed per head) equal the per-op rules', async (t) => {
+    // The engine's default (`auto`) keeps the probabilities at this size (the reference cases above
+    // run that path); here the same cases through engines that recompute them and that use the
+    // per-op rules, with a LoRA in the bank and batch 2.
+    const others = (['recompute', 'per-op'] as const).map((mode) => [mode, Sd15Engine.open(MODEL, { device: 'cpu', cacheDir, attentionBackward: mode })] as const);
     try {
       const stack = new AdapterStack([{ path: lora.path, name: lora.name, modules: lora.modules, te: 1, unet: 1 }]);
       const diffs: string[] = [];
@@ -165,15 +166,27 @@ describe('UNet VJP matches the reference gradients (tiny-sd15-ref vjp/*)', () =>
         const batch = unet.sample.shape[0]!;
         const adapters: AdapterUse = { mode: 'bank', stack, mix: Array.from({ length: batch }, () => stack.strengths('unet')) };
         const a = await engine.runUnetVjp(unet, cotangents, adapters);
-        const b = await keep.runUnetVjp(unet, cotangents, adapters);
-        const scale = Math.max(...b.gradSample.data.map(Math.abs));
-        diffs.push(`${c.id} ${assertClose(a.gradSample.data, b.gradSample.data, 1e-5 * scale, `${c.id}: recomputed vs kept probabilities`).toExponential(2)} (max |grad| ${scale.toExponential(2)})`);
-        assert.deepEqual(a.xattn.data, b.xattn.data, 'the forward is the same graph');
+        for (const [mode, other] of others) {
+          const b = await other.runUnetVjp(unet, cotangents, adapters);
+          const scale = Math.max(...b.gradSample.data.map(Math.abs));
+          diffs.push(`${c.id} ${mode} ${assertClose(a.gradSample.data, b.gradSample.data, 1e-5 * scale, `${c.id}: kept vs ${mode}`).toExponential(2)} (max |grad| ${scale.toExponential(2)})`);
+          assertClose(a.xattn.data, b.xattn.data, 1e-6, `${c.id}: the forward maps, kept vs ${mode}`);
+        }
       }
-      t.diagnostic(`max |diff| of grad_sample: ${diffs.join(', ')}`);
+      t.diagnostic(`max |diff| of grad_sample against the default: ${diffs.join(', ')}`);
     } finally {
-      await keep.dispose();
+      for (const [, other] of others) await other.dispose();
     }
+  });
+
+  test('attentionBackward auto: kept probabilities up to KEEP_PROBS_BYTES per sample, recomputed above', () => {
+    const tiny = tinyUnet();
+    const sd = parseUnetConfig(JSON.parse(fs.readFileSync(path.join(FIXTURES, 'sd15-keys', 'unet_diffusers.json'), 'utf-8')).config, 'sd15 unet');
+    assert.equal(resolveAttentionBackward(sd, 'auto', { height: 32, width: 32 }), 'keep', 'SD 1.5 at 256²: 8 × 1024² floats = 32 MiB');
+    assert.equal(resolveAttentionBackward(sd, 'auto', { height: 40, width: 40 }), 'recompute', 'SD 1.5 at 320²: 8 × 1600² floats = 78 MiB');
+    assert.equal(resolveAttentionBackward(sd, 'auto', { height: 64, width: 64 }), 'recompute', '512²: 512 MiB');
+    assert.equal(resolveAttentionBackward(tiny, 'auto', { height: 32, width: 32 }), 'keep');
+    assert.equal(resolveAttentionBackward(sd, 'per-op', { height: 32, width: 32 }), 'per-op', 'explicit modes are kept');
   });
 
   test('releasing the UNet forward sessions leaves the gradient sessions; the next forward call rebuilds its session, same output', async () => {
@@ -362,9 +375,9 @@ describe('UNet VJP graph', () => {
     assert.equal(branchCreatedBytes(conditionalOutput(graph, 'wanted', 'c', 'x')), 288 + 60);
   });
 
-  test('recomputeAttention: the level-0 self-attention cores recompute their probabilities per head', () => {
+  test('attentionBackward recompute: the level-0 self-attention cores recompute their probabilities per head', () => {
     const config = tinyUnet();
-    const g = buildUnetVjpGraph(config, { level: 2, recomputeAttention: true });
+    const g = buildUnetVjpGraph(config, { level: 2, attentionBackward: 'recompute' });
     const kept = plain();
     const softmaxes = (graph: Graph) => graph.nodes.filter((n) => n.opType === 'Softmax').map((n) => n.name);
     const level0 = ['down_blocks.0.attentions.0', 'down_blocks.0.attentions.1'].map((b) => `${b}.transformer_blocks.0.attn1/Softmax`);
@@ -405,9 +418,33 @@ describe('UNet VJP graph', () => {
         }
       }
     }
-    // Other cores keep the per-op rules (level 1, and the tapped level-2 maps).
-    assert.ok(g.nodes.some((n) => n.name.startsWith('grad.down_blocks.1.attentions.0.transformer_blocks.0.attn1/Softmax/Mul')));
+    // The other cores get the lean backward with their probabilities kept (level 1); the tapped
+    // level-2 maps keep the per-op rules (their probabilities are outputs).
+    assert.ok(g.nodes.some((n) => n.name.startsWith('grad.down_blocks.1.attentions.0.transformer_blocks.0.attn1/Softmax/lean/')));
+    assert.ok(!g.nodes.some((n) => n.name.startsWith('grad.down_blocks.1.attentions.0.transformer_blocks.0.attn1/Softmax/Mul')));
     assert.ok(g.nodes.some((n) => n.name.startsWith('grad.down_blocks.2.attentions.0.transformer_blocks.0.attn1/Softmax/Mul')));
+  });
+
+  test('attentionBackward keep: the backward reads the forward probabilities of each head, no recompute, no softmax rule', () => {
+    const config = tinyUnet();
+    const g = buildUnetVjpGraph(config, { level: 2, attentionBackward: 'keep' });
+    const softmaxes = g.nodes.filter((n) => n.opType === 'Softmax');
+    const heads = config.numAttentionHeads[0]!;
+    const level0 = ['down_blocks.0.attentions.0', 'down_blocks.0.attentions.1'].map((b) => `${b}.transformer_blocks.0.attn1/Softmax`);
+    assert.ok(!softmaxes.some((n) => n.name.startsWith('grad.')), 'no softmax in the backward');
+    for (const name of level0) {
+      const forward = softmaxes.filter((n) => n.name.startsWith(`fwd.${name}/`));
+      assert.equal(forward.length, heads, `${name}: the forward runs per head`);
+      // Each head's probabilities feed its output product and the backward's P ⊙ (dP − D) and Pᵀ·Ō.
+      for (const p of forward) {
+        const readers = g.nodes.filter((n) => n.inputs.includes(p.outputs[0]!));
+        assert.equal(readers.filter((n) => n.name.startsWith(`grad.${name}/lean/`)).length, 2, `${p.name}: read twice by the backward`);
+      }
+      assert.ok(!g.nodes.some((n) => n.name.startsWith(`grad.${name}/`) && n.opType === 'Sub'), `${name}: dP − D inside the product`);
+    }
+    // Every other unexposed core too (level 1 keeps one group: its forward is unchanged).
+    assert.ok(g.nodes.some((n) => n.name.startsWith('grad.down_blocks.1.attentions.0.transformer_blocks.0.attn1/Softmax/lean/')));
+    assert.ok(g.nodes.some((n) => n.name === 'down_blocks.1.attentions.0.transformer_blocks.0.attn1/Softmax'));
   });
 
   test('SD 1.5 config: the CLoRA one-pass graphs build (pruning leaves no constant-name gap behind)', () => {
@@ -416,7 +453,7 @@ describe('UNet VJP graph', () => {
     // already has a value const_27") the first time a 512² run took the one-pass update.
     const sd = parseUnetConfig(JSON.parse(fs.readFileSync(path.join(FIXTURES, 'sd15-keys', 'unet_diffusers.json'), 'utf-8')).config, 'sd15 unet');
     for (const noisePred of [false, true]) {
-      const g = buildUnetNtXentVjpGraph(sd, { level: 2, temperature: 0.5, noisePred, adapterBank: true, recomputeAttention: true });
+      const g = buildUnetNtXentVjpGraph(sd, { level: 2, temperature: 0.5, noisePred, adapterBank: true, attentionBackward: 'recompute' });
       assert.deepEqual(g.outputs.map((o) => o.name), ['xattn', NTXENT_LOSS_OUTPUT, ...(noisePred ? ['noise_pred'] : []), 'grad_sample']);
       const defined = new Set([...g.inputs.map((i) => i.name), ...g.params.map((p) => p.name), ...g.constants.map((c) => c.name), ...g.nodes.flatMap((n) => n.outputs)]);
       assert.ok(g.nodes.every((n) => n.inputs.every((v) => v === '' || defined.has(v))), 'every value read is defined');

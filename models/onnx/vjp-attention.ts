@@ -1,26 +1,36 @@
 /**
- * A memory-lean backward for attention cores (used by `buildVjpGraph` with `recomputeAttention`).
+ * A lean backward for attention cores (used by `buildVjpGraph` with `leanAttention`).
  *
  * The per-op rules differentiate `O = softmax(s·Q·Kᵀ [+ bias])·V` node by node: the backward keeps
  * the probabilities P of the forward (B, h, N, M) until it reaches them, and the softmax rule makes
  * four more tensors of that size (dP, dP⊙P, dP − rowsum, dS). For SD 1.5's level-0 self-attention at
  * 512² that is 537 MB per tensor and sample, ≈ 6 GiB per sample at the peak of a VJP pass.
  *
- * This rule keeps only Q, Kᵀ, V and O (N·d-sized) and, in the backward, per group of heads:
+ * This rule, per group of heads:
  *
- *   P  = softmax(s·Q·Kᵀ [+ bias])          recomputed
- *   V̄  = Pᵀ·Ō,   dP = Ō·Vᵀ
- *   S̄  = P ⊙ (dP − D)   with D = rowsum(Ō ⊙ O) = rowsum(dP ⊙ P)   (O = P·V; FlashAttention's identity)
+ *   P  = softmax(s·Q·Kᵀ [+ bias])          kept from the forward, or recomputed
+ *   V̄  = Pᵀ·Ō
+ *   dP − D = [Ō | −D]·[V | 1]ᵀ   with D = rowsum(Ō ⊙ O) = rowsum(dP ⊙ P)   (O = P·V; FlashAttention's identity)
+ *   S̄  = P ⊙ (dP − D)            (s goes to the products below; ONNX Runtime folds it into them)
  *   Q̄  = s·S̄·K,  K̄ᵀ = s·Qᵀ·S̄
  *
- * so the peak holds one head group's N×M transients instead of every layer's P plus the softmax
- * rule's. The cost is one more Q·Kᵀ and softmax per core (D replaces an N×M product by an N×d one).
+ * D costs an N×d product instead of an N×M one, and appending −D and a column of ones to the
+ * operands of dP's product subtracts it inside that product: of the softmax rule's N×M passes only
+ * S̄'s product with P is left. With d = 4 (the tiny fixture) or 40 (SD 1.5), these attention
+ * backwards are bound by their N×M passes, not by their products' arithmetic.
  *
- * Order: ONNX Runtime may run independent nodes in any order, and a recompute that only depends on
- * forward values could run during the forward and hold its P until the backward. So each group's Q
- * and Ō get a zero-weighted scalar of a backward value added: D for the first group, the previous
- * group's gradients for the next ones. The groups then run one after the other, after Ō exists
- * (the chain on Ō keeps ONNX Runtime from computing every group's dP first and holding them all).
+ * `keep`: P is read from the forward (which runs in the same head groups, so the backward reads each
+ * group's P as the forward made it); the cheapest backward, and the N×M tensors of every such core
+ * live until the backward reaches it. `recompute` (groups ≥ 1): only
+ * Q, Kᵀ, V and O (N·d-sized) are kept, and the backward recomputes P per head group, so the peak
+ * holds one group's N×M transients instead of every layer's P; the cost is one more Q·Kᵀ and
+ * softmax per core.
+ *
+ * Order (recompute): ONNX Runtime may run independent nodes in any order, and a recompute that only
+ * depends on forward values could run during the forward and hold its P until the backward. So each
+ * group's Q and Ō get a zero-weighted scalar of a backward value added: D for the first group, the
+ * previous group's gradients for the next ones. The groups then run one after the other, after Ō
+ * exists (the chain on Ō keeps ONNX Runtime from computing every group's dP first and holding them all).
  */
 import type { ConstantDecl, Dim, Graph, NodeDecl, Value } from './builder.ts';
 import type { Ops } from './ops.ts';
@@ -32,6 +42,10 @@ export interface AttentionCore {
   /** Indices of all the core's nodes. */
   readonly nodes: readonly number[];
   readonly softmaxName: string;
+  /** The forward's probabilities (the Softmax output). */
+  readonly probs: string;
+  /** The backward reads the forward's probabilities (per head group) instead of recomputing them. */
+  readonly keep: boolean;
   readonly q: string;
   readonly kt: string;
   readonly v: string;
@@ -43,8 +57,11 @@ export interface AttentionCore {
   readonly heads: number;
 }
 
-/** Decides, per core, how many head groups to recompute in (undefined: keep the per-op rules). */
-export type RecomputeAttention = (softmaxNode: string, probsShape: readonly Dim[] | undefined) => number | undefined;
+/**
+ * Decides, per core: the lean backward with the probabilities kept from the forward or recomputed,
+ * in `groups` head groups (clamped to 1…heads), or undefined (the per-op rules).
+ */
+export type LeanAttention = (softmaxNode: string, probsShape: readonly Dim[] | undefined) => { readonly probs: 'keep' | 'recompute'; readonly groups: number } | undefined;
 
 export interface CoreSearch {
   readonly graph: Graph;
@@ -55,7 +72,7 @@ export interface CoreSearch {
   readonly active: ReadonlySet<string>;
   readonly shape: (value: string) => readonly Dim[] | undefined;
   readonly constants: ReadonlyMap<string, ConstantDecl>;
-  readonly choose: RecomputeAttention;
+  readonly choose: LeanAttention;
 }
 
 /** The attention cores of the forward graph whose probabilities feed nothing but their output product. */
@@ -127,16 +144,17 @@ export function findAttentionCores(s: CoreSearch): Map<number, AttentionCore> {
     const qShape = s.shape(q);
     const heads = qShape?.[1];
     if (qShape?.length !== 4 || s.shape(kt)?.length !== 4 || s.shape(v)?.length !== 4 || typeof heads !== 'number') return;
-    let groups = s.choose(softmax.name, probsShape);
-    if (groups === undefined) return;
-    groups = Math.max(1, Math.min(heads, Math.floor(groups)));
+    const choice = s.choose(softmax.name, probsShape);
+    if (choice === undefined) return;
+    const keep = choice.probs === 'keep';
+    let groups = Math.max(1, Math.min(heads, Math.floor(choice.groups)));
     if (bias !== undefined && groups > 1) {
       // The bias may be split along the heads only when it does not vary along them.
       const b = s.shape(bias)!;
       const headAxis = b.length - 3;
       if (headAxis >= 0 && b[headAxis] !== 1) groups = 1;
     }
-    cores.set(oi!, { outputNode: oi!, nodes, softmaxName: softmax.name, q, kt, v, out: outNode.outputs[0]!, scale, ...(bias === undefined ? {} : { bias }), groups, heads });
+    cores.set(oi!, { outputNode: oi!, nodes, softmaxName: softmax.name, probs, keep, q, kt, v, out: outNode.outputs[0]!, scale, ...(bias === undefined ? {} : { bias }), groups, heads });
   });
   return cores;
 }
@@ -156,34 +174,38 @@ function groupSizes(heads: number, groups: number): number[] {
  * file header on order), so the forward's N×M transients are one group's too. Returns the concat;
  * the caller names it as the core's output.
  */
-export function attentionCoreForward(g: Ops, core: AttentionCore): Value {
+export function attentionCoreForward(g: Ops, core: AttentionCore): { out: Value; probs: Value[] } {
   const sizes = g.int64s(groupSizes(core.heads, core.groups));
   const qs = g.split({ name: core.q }, sizes, core.groups, { dim: 1 });
   const kts = g.split({ name: core.kt }, sizes, core.groups, { dim: 1 });
   const vs = g.split({ name: core.v }, sizes, core.groups, { dim: 1 });
   const outs: Value[] = [];
+  const probs: Value[] = [];
   for (let i = 0; i < core.groups; i++) {
     const q = i === 0 ? qs[0]! : g.add(qs[i]!, g.mul(g.reduceSum(outs[i - 1]!, { dims: [0, 1, 2, 3], keepdim: false }), g.scalar(0)));
     const scaled = g.mul(g.matmul(q, kts[i]!), { name: core.scale });
-    outs.push(g.matmul(g.softmax(core.bias === undefined ? scaled : g.add(scaled, { name: core.bias }), { dim: -1 }), vs[i]!));
+    probs.push(g.softmax(core.bias === undefined ? scaled : g.add(scaled, { name: core.bias }), { dim: -1 }));
+    outs.push(g.matmul(probs[i]!, vs[i]!));
   }
-  return g.concat(outs, { dim: 1 });
+  return { out: g.concat(outs, { dim: 1 }), probs };
 }
 
 /**
  * Emit the core's backward (see the file header) for the output cotangent `dOut`; returns the
- * gradients of q, kt and v (undefined where `wants` says no).
+ * gradients of q, kt and v (undefined where `wants` says no). `forwardProbs`: with `keep` and
+ * several groups, each group's probabilities from `attentionCoreForward`.
  */
-export function attentionCoreBackward(g: Ops, core: AttentionCore, dOut: Value, wants: { q: boolean; kt: boolean; v: boolean }): { q?: Value; kt?: Value; v?: Value } {
+export function attentionCoreBackward(g: Ops, core: AttentionCore, dOut: Value, wants: { q: boolean; kt: boolean; v: boolean }, forwardProbs?: readonly Value[]): { q?: Value; kt?: Value; v?: Value } {
   const out: Value = { name: core.out };
   const scale: Value = { name: core.scale };
   const d = g.reduceSum(g.mul(dOut, out), { dims: [-1], keepdim: true }); // (B, h, N, 1)
   const split = (v: Value): Value[] => (core.groups === 1 ? [v] : g.split(v, g.int64s(groupSizes(core.heads, core.groups)), core.groups, { dim: 1 }));
   const qs = split({ name: core.q });
   const kts = split({ name: core.kt });
-  const vs = split({ name: core.v });
+  // [V | 1]: V with a column of ones appended (Pad's constant value), for dP − D in one product.
+  const vOnes = split(g.node('Pad', [{ name: core.v }, g.int64s([0, 0, 0, 0, 0, 0, 0, 1]), g.scalar(1)], {})[0]!);
   const dOuts = split(dOut);
-  const ds = split(d);
+  const negDs = split(g.neg(d));
   const all4 = [0, 1, 2, 3];
   const swap = [0, 1, 3, 2];
   const gq: Value[] = [];
@@ -191,15 +213,22 @@ export function attentionCoreBackward(g: Ops, core: AttentionCore, dOut: Value, 
   const gv: Value[] = [];
   let previous: Value[] = [d];
   for (let i = 0; i < core.groups; i++) {
-    const sums = previous.map((v) => g.reduceSum(v, { dims: all4, keepdim: false }));
-    const after = g.mul(sums.reduce((a, b) => g.add(a, b)), g.scalar(0));
-    const q = g.add(qs[i]!, after);
-    const scaled = g.mul(g.matmul(q, kts[i]!), scale);
-    const p = g.softmax(core.bias === undefined ? scaled : g.add(scaled, { name: core.bias }), { dim: -1 });
-    // dP waits for the previous group too: it depends on backward values only, and without this
-    // ONNX Runtime computed every group's dP − D first and held them all (8 N×M tensors at level 0).
-    const dP = g.matmul(g.add(dOuts[i]!, after), g.transpose(vs[i]!, swap));
-    const dS = g.mul(g.mul(p, g.sub(dP, ds[i]!)), scale);
+    let p: Value;
+    let dOutI = dOuts[i]!;
+    if (core.keep) {
+      p = core.groups === 1 ? { name: core.probs } : forwardProbs![i]!;
+    } else {
+      const sums = previous.map((v) => g.reduceSum(v, { dims: all4, keepdim: false }));
+      const after = g.mul(sums.reduce((a, b) => g.add(a, b)), g.scalar(0));
+      const q = g.add(qs[i]!, after);
+      const scaled = g.mul(g.matmul(q, kts[i]!), scale);
+      p = g.softmax(core.bias === undefined ? scaled : g.add(scaled, { name: core.bias }), { dim: -1 });
+      // dP waits for the previous group too: it depends on backward values only, and without this
+      // ONNX Runtime computed every group's dP − D first and held them all (8 N×M tensors at level 0).
+      dOutI = g.add(dOutI, after);
+    }
+    const dPMinusD = g.matmul(g.concat([dOutI, negDs[i]!], { dim: -1 }), g.transpose(vOnes[i]!, swap));
+    const dS = g.mul(g.mul(p, dPMinusD), scale);
     previous = [];
     if (wants.v) previous.push(g.matmul(g.transpose(p, swap), dOuts[i]!));
     if (wants.kt) previous.push(g.matmul(g.transpose(qs[i]!, swap), dS));

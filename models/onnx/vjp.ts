@@ -27,7 +27,7 @@ import type { DType } from '../tensor.ts';
 import type { AttrValue, ConstantDecl, Dim, Graph, IoDecl, NodeDecl, Value } from './builder.ts';
 import { ONNX_DTYPE, Ops } from './ops.ts';
 import { NON_DIFFERENTIABLE, VJP_RULES, isFloatDtype, type RuleContext } from './vjp-rules.ts';
-import { attentionCoreBackward, attentionCoreForward, findAttentionCores, type AttentionCore, type RecomputeAttention } from './vjp-attention.ts';
+import { attentionCoreBackward, attentionCoreForward, findAttentionCores, type AttentionCore, type LeanAttention } from './vjp-attention.ts';
 
 /** The cotangent input of forward output `output`. */
 export const cotangentInput = (output: string): string => `cot.${output}`;
@@ -57,12 +57,13 @@ export interface VjpOptions {
   readonly passThrough?: readonly string[];
   /**
    * Attention cores (`MatMul(q, kᵀ) → Mul(scale) [→ Add(bias)] → Softmax → MatMul(·, v)`) whose
-   * probabilities feed only their output product get a backward that recomputes the probabilities
-   * per head group instead of keeping them (`vjp-attention.ts`). Called per core with the Softmax
-   * node's name and the probabilities' inferred shape; returns the number of head groups, or
-   * undefined to keep the per-op rules for that core. Default: per-op rules everywhere.
+   * probabilities feed only their output product get the lean backward of `vjp-attention.ts`.
+   * Called per core with the Softmax node's name and the probabilities' inferred shape; returns
+   * whether the backward reads the forward's probabilities (`keep`) or recomputes them (they are then
+   * not kept from the forward) and in how many head groups, or undefined to keep the per-op rules
+   * for that core. Default: per-op rules everywhere.
    */
-  readonly recomputeAttention?: RecomputeAttention;
+  readonly leanAttention?: LeanAttention;
 }
 
 /** The node types that have a VJP rule. */
@@ -141,7 +142,7 @@ export function buildVjpGraph(forward: Graph, options: VjpOptions): Graph {
     throw new ModelError('GRAPH_BUILD', `VJP of ${forward.name}: no VJP rule for ${list} on the path from ${wrt} to ${options.outputs.join(', ')}`, { ops: [...firsts.keys()] });
   }
 
-  const cores = options.recomputeAttention === undefined
+  const cores = options.leanAttention === undefined
     ? new Map()
     : findAttentionCores({
         graph: forward,
@@ -150,7 +151,7 @@ export function buildVjpGraph(forward: Graph, options: VjpOptions): Graph {
         active,
         shape: (v) => facts.get(v)?.shape,
         constants: new Map(forward.constants.map((c) => [c.name, c])),
-        choose: options.recomputeAttention,
+        choose: options.leanAttention,
       });
 
   const g = new Ops(`${forward.name}.vjp`);
@@ -165,12 +166,13 @@ export function buildVjpGraph(forward: Graph, options: VjpOptions): Graph {
   // transients are one group's): the replacement nodes take the place of the core's nodes.
   const coreOf = new Map<number, AttentionCore>();
   const forwardScopes = new Map<AttentionCore, string>();
+  const forwardProbs = new Map<AttentionCore, Value[]>();
   for (const core of cores.values()) {
     if (core.groups === 1) continue;
     for (const i of core.nodes) coreOf.set(i, core);
     const scope = `fwd.${core.softmaxName}`;
     forwardScopes.set(core, `${scope}/`);
-    g.scope(scope, () => attentionCoreForward(g, core));
+    forwardProbs.set(core, g.scope(scope, () => attentionCoreForward(g, core)).probs);
   }
 
   // Contributions to each value's cotangent, in the order they arrive; summed when first read.
@@ -201,7 +203,7 @@ export function buildVjpGraph(forward: Graph, options: VjpOptions): Graph {
     if (core !== undefined) {
       // The whole core's backward at its output product; its inner values get no cotangent, so
       // their nodes are skipped by the check above.
-      const grads = g.scope(`grad.${core.softmaxName}/recompute`, () => attentionCoreBackward(g, core, cots[0]!, { q: active.has(core.q), kt: active.has(core.kt), v: active.has(core.v) }));
+      const grads = g.scope(`grad.${core.softmaxName}/${core.keep ? 'lean' : 'recompute'}`, () => attentionCoreBackward(g, core, cots[0]!, { q: active.has(core.q), kt: active.has(core.kt), v: active.has(core.v) }, forwardProbs.get(core)));
       for (const [input, grad] of [[core.q, grads.q], [core.kt, grads.kt], [core.v, grads.v]] as const) {
         if (grad === undefined) continue;
         if (totals.has(input)) throw new Error(`buildVjpGraph: ${input} received a gradient after its total was formed (graph not in topological order?)`);
