@@ -13,6 +13,7 @@ export { defaultCacheDir } from './cache.ts';
 export { dumpGraph } from './onnx/dump.ts';
 export type { UnetConfig, ClipTextConfig, VaeConfig } from './networks/config.ts';
 export { ntXentFeeds, type NtXentEntry } from './networks/ntxent-graph.ts';
+export { KEEP_PROBS_BYTES, type AttentionBackward } from './networks/unet-vjp.ts';
 export { type LoadedLora, type CoverageReport, type LoraFormat } from './lora/load.ts';
 export type { LoraModule, LoraTarget, LoraComponent } from './lora/types.ts';
 export { scanLoraFolders, loraFoldersOf, resolveLoraName, addnetShortHash, type LoraLibraryEntry, type ScanOptions } from './lora/library.ts';

@@ -3,7 +3,7 @@
  */
 export { PipelineError, isPipelineError, type PipelineErrorCode } from './errors.ts';
 export { engineModels, type SdModels, type TextEncoderModel, type DenoiserModel, type LatentDecoderModel, type PromptTokenizer } from './models.ts';
-export { generate, lorasFromTags, type GeneratedImage, type GenerateProgress, type GenerateOptions, type GenerateResult, type AppliedLora, type RunInfo } from './text-to-image.ts';
+export { generate, lorasFromTags, type GeneratedImage, type GenerateProgress, type GenerateOptions, type GenerateResult, type AppliedLora, type RunInfo, type MemoryPlan } from './text-to-image.ts';
 export { normalizeJob, JOB_DEFAULTS, type GenerateJob, type JobInput, type JobLora, type JobRegion, type LoraMode } from './job.ts';
 export { encodePng, writeFileAtomic, toRgbBytes } from './images/save.ts';
 export { imageMetadataTexts, chorusMetadata, imageInfotext, type ChorusImageMetadata } from './images/job-metadata.ts';

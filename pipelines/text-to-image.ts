@@ -7,7 +7,7 @@
  *   4. hand back images with their seeds and final latents (saving is `images/save.ts`).
  */
 import * as os from 'node:os';
-import { AdapterStack, type AdapterUse, type CoverageReport, type Tensor } from '../models/index.ts';
+import { AdapterStack, KEEP_PROBS_BYTES, type AdapterUse, type CoverageReport, type Tensor } from '../models/index.ts';
 import { encodePrompts, type ConditioningOptions } from './conditioning.ts';
 import { denoise, type DenoiseProgress } from './denoise.ts';
 import { PipelineError } from './errors.ts';
@@ -57,6 +57,21 @@ export interface GenerateOptions {
    * `os.totalmem()`): less leaves room for other programs.
    */
   readonly memoryBytes?: number;
+  /** Called once per batch with the session plan sized for `memoryBytes` (reports and logs). */
+  readonly onPlan?: (plan: MemoryPlan, batch: number) => void;
+}
+
+/** How a batch's UNet calls were planned for the memory (`GenerateOptions.memoryBytes`). */
+export interface MemoryPlan {
+  readonly memoryBytes: number;
+  /** Largest batch per forward UNet call. */
+  readonly maxBatch: number;
+  /** Largest batch per gradient (VJP) call; gradient-guided strategies only. */
+  readonly gradientBatch?: number;
+  /** UNet sessions kept alive together. */
+  readonly sessions: number;
+  /** CLoRA's passes all run through its gradient session, alone in memory (`exclusivePasses`). */
+  readonly exclusive: boolean;
 }
 
 /**
@@ -88,11 +103,15 @@ export function defaultMaxBatch(latentH: number, latentW: number, sessions: numb
  * with N² is a few one-head N×N tensors; the rest is feature maps and their gradients. Fitted to SD
  * 1.5 at 512² (N = 4096) with random weights: a VJP session's RSS is ≈ 6.3 GiB with its weights,
  * and a 6-sample call grew it to 14.0 GiB (≈ 1.28 GiB per sample; 5.9 GiB per sample when the
- * probabilities were kept). Here: 11·N² + 128·320·N floats, 1.31 GiB at 512².
+ * probabilities were kept). Here: 11·N² + 128·320·N floats, 1.31 GiB at 512², plus the kept
+ * probabilities at sizes where the engine keeps them (≤ 256²: 64 MiB).
  */
 export function unetVjpBytesPerSample(latentH: number, latentW: number): number {
   const n = latentH * latentW;
-  return 11 * n * n * 4 + 128 * 320 * n * 4;
+  // Up to KEEP_PROBS_BYTES per layer the two level-0 self-attention layers on the path keep their
+  // probabilities from the forward instead (`attentionBackward` auto; 8 heads as in SD 1.5).
+  const kept = 8 * n * n * 4 <= KEEP_PROBS_BYTES ? 2 * 8 * n * n * 4 : 0;
+  return 11 * n * n * 4 + 128 * 320 * n * 4 + kept;
 }
 
 /**
@@ -427,6 +446,7 @@ export async function generate(job: GenerateJob, models: SdModels, options: Gene
       const sessions = exclusive ? 1 : sharedSessions;
       const maxBatch = options.maxBatch ?? defaultMaxBatch(h, w, sessions, memory);
       const gradientBatch = exclusive ? onePassSamples : sharedGradientBatch;
+      options.onPlan?.({ memoryBytes: memory, maxBatch, ...(gradientPlan === undefined ? {} : { gradientBatch }), sessions, exclusive }, b);
       // Sessions released during or after this batch are built again: have their builds keep
       // ONNX Runtime's optimized copies (until the job ends).
       if (shortOfMemory || exclusive) {

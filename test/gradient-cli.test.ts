@@ -16,6 +16,7 @@ import { fileURLToPath } from 'node:url';
 import sharp from 'sharp';
 import { openSafetensors } from '../models/index.ts';
 import { readImageMetadata } from '../pipelines/index.ts';
+import { parseMemorySize } from '../cli/args.ts';
 import { FIXTURES, REF, assertClose, refCases } from './fixtures.ts';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
@@ -96,6 +97,41 @@ describe('chorus generate with the gradient-guided strategies', () => {
     const { width, height } = await sharp(path.join(masks, files[0]!)).metadata();
     assert.deepEqual([width, height], [64, 64]);
     for (const f of files) for (const v of await grays(path.join(masks, f))) assert.ok(v === 0 || v === 255, `${f}: binary mask`);
+  });
+
+  test('clora with --memory 4G: the gradient session runs alone (as on a machine that small), same latents', () => {
+    // At 256² (32 × 32 latents) a VJP sample is planned at ≈ 280 MB: on 4 GiB, CLoRA's 6 slot samples
+    // do not fit a gradient call beside the forward sessions but do with the gradient session alone.
+    const run = (name: string, ...extra: string[]) => {
+      const latents = path.join(tmp, `${name}.safetensors`);
+      const r = generate(
+        '--prompt', 'A cat and a dog', '--negative', 'nsfw', '--steps', '2', '--sampler', 'DDIM', '--cfg', '10', '--strategy', 'clora', '--width', '256', '--height', '256',
+        '--slot', 'A sks dog and a cat:lora_kohya_a:1', '--concept', 'sks dog|dog',
+        '--slot', 'A sks cat and a dog:lora_kohya_b_locon:0.8', '--concept', 'sks cat|cat',
+        '--clora-refine-rounds', '1', '--out', path.join(tmp, `${name}.png`), '--save-latents', latents, ...extra,
+      );
+      assert.equal(r.status, 0, r.stderr);
+      const file = openSafetensors(latents);
+      try {
+        return { stderr: r.stderr, final: file.readFloat32('final_latents').data };
+      } finally {
+        file.close();
+      }
+    };
+    const whole = run('clora-256');
+    assert.doesNotMatch(whole.stderr, /memory plan/, 'no plan line without --memory');
+    const small = run('clora-256-4g', '--memory', '4G');
+    assert.match(small.stderr, /memory plan for 4\.0 GiB: \d+ samples per UNet call, 6 per gradient call, 1 UNet session\(s\) at a time \(the gradient session alone\)/);
+    assertClose(small.final, whole.final, 1e-3, 'final latents, 4G plan vs the whole machine');
+    assert.equal(parseMemorySize('--memory', '16G'), 16 * 2 ** 30);
+    assert.equal(parseMemorySize('--memory', '12GiB'), 12 * 2 ** 30);
+    assert.equal(parseMemorySize('--memory', '1.5 gb'), 1.5 * 2 ** 30);
+    assert.equal(parseMemorySize('--memory', '12000M'), 12000 * 2 ** 20);
+    assert.equal(parseMemorySize('--memory', '8589934592'), 8 * 2 ** 30);
+    assert.throws(() => parseMemorySize('--memory', '512M'), /at least 1G/);
+    const bad = generate('--prompt', 'a cat', '--memory', '12X', '--out', path.join(tmp, 'bad-memory.png'));
+    assert.equal(bad.status, 2);
+    assert.match(bad.stderr, /--memory must be a memory size of at least 1G, such as 16G, 12GiB or 12000M; got "12X"/);
   });
 
   test('lora-composer: two concept boxes, images, box masks and refinement attention maps', async () => {

@@ -23,10 +23,11 @@ import {
   type LoraMode,
   type GenerateOptions,
   type GenerateProgress,
+  type MemoryPlan,
 } from '../../pipelines/index.ts';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { MODEL_OPTIONS, UsageError, engineOptions, parse, requireValue } from '../args.ts';
+import { MODEL_OPTIONS, UsageError, engineOptions, parse, parseMemorySize, requireValue } from '../args.ts';
 
 export const GENERATE_HELP = `chorus generate — text to image
 
@@ -87,6 +88,8 @@ export const GENERATE_HELP = `chorus generate — text to image
   --out <path>             a folder (default ./outputs; files NNNNN-<seed>.png) or a .png file name
   --save-latents <file>    write init_latents and final_latents (before decoding) to a safetensors file
   --init-latents <file>    start from init_latents in a safetensors file instead of the seeded noise
+  --memory <size>          the RAM to plan batches and sessions for (e.g. 12G; default: all of this machine's):
+                           less leaves room for other programs, and splits UNet calls sooner
   --model, --device, --config, --tokenizer, --cache, --threads: see chorus --help
 `;
 
@@ -386,6 +389,7 @@ export async function runGenerate(argv: readonly string[]): Promise<number> {
     'composer-no-isolation': { type: 'boolean' },
     'composer-no-reinit': { type: 'boolean' },
     'debug-masks': { type: 'string' },
+    memory: { type: 'string' },
     help: { type: 'boolean' },
   });
   if (values.help === true) {
@@ -415,6 +419,7 @@ export async function runGenerate(argv: readonly string[]): Promise<number> {
     regions: [...(values.region ?? []).map(parseRegionFlag), ...(values['region-mask'] ?? []).map(parseRegionMaskFlag)],
     ...(values['lora-mode'] === undefined ? {} : { loraMode: parseLoraMode(values['lora-mode']) }),
   });
+  const memoryBytes = values.memory === undefined ? undefined : parseMemorySize('--memory', values.memory);
   const initLatents = values['init-latents'] === undefined ? undefined : readInitLatents(values['init-latents']);
   const total = job.batchSize * job.batchCount;
   const nameOf = outputNamer(values.out ?? 'outputs', total);
@@ -431,6 +436,17 @@ export async function runGenerate(argv: readonly string[]): Promise<number> {
     const pending: Promise<void>[] = [];
     const result = await generate(job, models, {
       ...(initLatents === undefined ? {} : { initLatents }),
+      ...(memoryBytes === undefined
+        ? {}
+        : {
+            memoryBytes,
+            onPlan: (plan: MemoryPlan, batch: number) => {
+              if (batch > 0) return;
+              const gib = (plan.memoryBytes / 2 ** 30).toFixed(1);
+              const gradient = plan.gradientBatch === undefined ? '' : `, ${plan.gradientBatch} per gradient call`;
+              process.stderr.write(`memory plan for ${gib} GiB: ${plan.maxBatch} samples per UNet call${gradient}, ${plan.sessions} UNet session(s) at a time${plan.exclusive ? ' (the gradient session alone)' : ''}\n`);
+            },
+          }),
       ...(writeMasks === undefined ? {} : { onStrategyEvent: (e, batch) => void pending.push(writeMasks(e, batch)) }),
       onProgress: progressBar(total),
       onImage: async (img, run) => {
