@@ -445,6 +445,9 @@ describe('chorus queue and chorus batch on the command line', () => {
     assert.match(missing.stderr, /^error \[JOB_NOT_FOUND\]: no job 99 in /);
     assert.equal(run('batch', '--db', db).status, 2);
     assert.equal(run('batch', 'a.jsonl', 'b.jsonl', '--db', db).status, 2);
+    const memory = run('batch', 'a.jsonl', '--memory', 'lots', '--db', db);
+    assert.equal(memory.status, 2);
+    assert.match(memory.stderr, /--memory must be a memory size of at least 1G, such as 16G, 12GiB or 12000M; got "lots"/);
   });
 
   test('chorus batch rejects an invalid job file before queueing anything, naming line and field', () => {

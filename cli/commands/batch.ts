@@ -4,7 +4,7 @@
  */
 import * as path from 'node:path';
 import { DEFAULT_MAX_BATCH, JobQueue, composeBatchGrids, engineModelSource, openBatch, planBatch, runQueue, type QueuedJob, type RunnerEvent } from '../../pipelines/index.ts';
-import { MODEL_OPTIONS, UsageError, engineOptions, parse } from '../args.ts';
+import { MODEL_OPTIONS, UsageError, engineOptions, parse, parseMemorySize } from '../args.ts';
 
 export const BATCH_HELP = `chorus batch — render a JSONL job file through the durable queue
 
@@ -22,6 +22,7 @@ export const BATCH_HELP = `chorus batch — render a JSONL job file through the 
                        {job} {model} {x} {y} {z} (default {index}-{seed}.png)
   --max-batch <n>      jobs that differ only in prompt, LoRAs, CFG or seed share one UNet batch, up to n
                        (default ${DEFAULT_MAX_BATCH}; 1 renders one job at a time)
+  --memory <size>      the RAM to plan each job's batches and sessions for (e.g. 12G; default: all of it)
   --db <file>          queue database (default: queue.sqlite in CHORUS_DATA_DIR or ~/.local/share/chorus)
   --lora-dir <folder>  where LoRAs are looked up by name (repeatable; also CHORUS_LORA_DIRS)
   --json               progress as JSON lines on stdout (for scripts)
@@ -112,6 +113,7 @@ export async function runBatch(argv: readonly string[]): Promise<number> {
     output: { type: 'string' },
     db: { type: 'string' },
     'max-batch': { type: 'string' },
+    memory: { type: 'string' },
     'lora-dir': { type: 'string', multiple: true },
     json: { type: 'boolean' },
     help: { type: 'boolean' },
@@ -123,6 +125,7 @@ export async function runBatch(argv: readonly string[]): Promise<number> {
   if (values.model !== undefined) throw new UsageError('chorus batch takes the model from each job line ("model"), not --model');
   if (positionals.length !== 1) throw new UsageError(`chorus batch takes one job file, got ${positionals.length === 0 ? 'none' : positionals.join(' ')}`);
   const maxBatch = positiveInt('--max-batch', values['max-batch'], DEFAULT_MAX_BATCH);
+  const memoryBytes = values.memory === undefined ? undefined : parseMemorySize('--memory', values.memory);
   const json = values.json === true;
   const engine = engineOptions(values);
 
@@ -145,7 +148,7 @@ export async function runBatch(argv: readonly string[]): Promise<number> {
       `batch ${batch.id} (${created ? 'new' : 'resumed'}): ${total} job${total === 1 ? '' : 's'}, ${before.done} done, ${before.queued + before.running} to run${before.failed > 0 ? `, ${before.failed} failed` : ''} → ${batch.outDir}\n`,
     );
     const display = progressDisplay(total, before.done + before.failed + before.cancelled, json);
-    const summary = await runQueue({ queue, source, batchId: batch.id, maxBatch, signal: interrupt.signal, onEvent: (e) => display.event(e) });
+    const summary = await runQueue({ queue, source, batchId: batch.id, maxBatch, ...(memoryBytes === undefined ? {} : { memoryBytes }), signal: interrupt.signal, onEvent: (e) => display.event(e) });
     display.end();
     const grids = await composeBatchGrids(queue, batch.id);
     const after = queue.counts(batch.id);

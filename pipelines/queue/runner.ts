@@ -50,6 +50,8 @@ export interface RunOptions {
   /** Abort to stop: the running jobs go back to the queue. */
   readonly signal?: AbortSignal;
   readonly onEvent?: (event: RunnerEvent) => void;
+  /** The RAM the jobs' batches and sessions are planned for (`GenerateOptions.memoryBytes`). */
+  readonly memoryBytes?: number;
 }
 
 export interface RunSummary {
@@ -152,7 +154,7 @@ async function runClaim(jobs: readonly QueuedJob[], options: RunOptions, emit: (
       for (const job of jobs) finish.failed(job, e);
       return;
     }
-    const ctx: RenderContext = { set, signal: controller.signal, emit, finish };
+    const ctx: RenderContext = { set, signal: controller.signal, memoryBytes: options.memoryBytes, emit, finish };
     if (jobs.length === 1 || batchKey(jobs[0]!.entry.job) === undefined) {
       for (const job of jobs) await renderAlone(job, ctx);
     } else {
@@ -182,6 +184,7 @@ async function runClaim(jobs: readonly QueuedJob[], options: RunOptions, emit: (
 interface RenderContext {
   readonly set: OpenedModelSet;
   readonly signal: AbortSignal;
+  readonly memoryBytes: number | undefined;
   readonly emit: (e: RunnerEvent) => void;
   readonly finish: {
     done(job: QueuedJob, written: ReadonlyArray<{ path: string; bytes: number }>, ms: number, run: RunInfo): void;
@@ -208,6 +211,7 @@ async function renderAlone(job: QueuedJob, ctx: RenderContext): Promise<void> {
   try {
     await generate(job.entry.job, ctx.set.models, {
       signal: ctx.signal,
+      ...(ctx.memoryBytes === undefined ? {} : { memoryBytes: ctx.memoryBytes }),
       onProgress: (p) => ctx.emit({ type: 'progress', jobIds: [job.id], evaluation: p.evaluation, evaluations: p.evaluations, batch: p.batch, batches: p.batches }),
       onImage: async (img, run) => {
         info = run;
