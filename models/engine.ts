@@ -11,7 +11,7 @@ import { defaultCacheDir, prepareModelFiles } from './cache.ts';
 import { preciseForWebGpu } from './onnx/precise-rewrites.ts';
 import { openModel, type OpenedModel, type OpenModelOptions } from './model.ts';
 import { buildClipTextGraph } from './networks/clip-text.ts';
-import { buildUnetGraph } from './networks/unet.ts';
+import { buildUnetGraph, SAMPLE_INDEX_INPUT, SAMPLE_ROWS_INPUT } from './networks/unet.ts';
 import { buildVaeDecoderGraph, buildVaeEncoderGraph } from './networks/vae.ts';
 import type { Graph } from './onnx/builder.ts';
 import { OrtSession, optimizedCachePath, pruneOptimizedCopies, resolveProviders, type ConcreteDevice, type Device, type ProviderChoice, type WebGpuStatus } from './runtime.ts';
@@ -237,6 +237,14 @@ export interface UnetVjpVariant {
   readonly selfAttentionIsolation?: boolean;
   readonly regionOutputAdapters?: boolean;
   /**
+   * The caller adds up `gradSample` over batch elements that read the same sample (CLoRA and
+   * LoRA-Composer sum over the branches of an image): elements with the same sample, timestep and
+   * LoRA mix then share the UNet's layers before the first cross-attention (`sharedPrefix`; SD 1.5:
+   * the first self-attention runs once per CFG pair), and each group's gradient comes back on its
+   * first element, zeros on the others. Same sums as without. Not with regions or debug gradients.
+   */
+  readonly mergeDuplicateSamples?: boolean;
+  /**
    * CLoRA's one-pass update (`buildUnetNtXentVjpGraph`): the loss is the NT-Xent of the xattn maps,
    * computed in the graph from these `ntxent.*` feeds (`ntXentFeeds`); the cotangents argument is
    * then ignored. No regions, no debug gradients.
@@ -297,6 +305,42 @@ function fp16WeightsPatch(inner: ParamPatch | undefined): ParamPatch {
       return out;
     },
   };
+}
+
+/** A gradient per distinct sample (S, …) → per batch element (B, …): on each sample's first element, zeros elsewhere. */
+function spreadRows(grad: Tensor<'float32'>, distinct: { rows: number[] } | undefined, batch: number): Tensor<'float32'> {
+  if (distinct === undefined) return grad;
+  const per = grad.data.length / distinct.rows.length;
+  const data = new Float32Array(batch * per);
+  distinct.rows.forEach((b, u) => data.set(grad.data.subarray(u * per, (u + 1) * per), b * per));
+  return { dtype: 'float32', shape: [batch, ...grad.shape.slice(1)], data };
+}
+
+/**
+ * The distinct samples of a batch (`sharedPrefix`): elements with equal sample rows and LoRA mix
+ * rows share one. Undefined when every element is distinct.
+ */
+export function distinctSamples(sample: Tensor<'float32'>, mix?: readonly (readonly number[])[]): { index: number[]; rows: number[] } | undefined {
+  const batch = sample.shape[0]!;
+  const per = sample.data.length / batch;
+  const row = (b: number) => sample.data.subarray(b * per, (b + 1) * per);
+  const same = (a: number, b: number): boolean => {
+    const ma = mix?.[a];
+    const mb = mix?.[b];
+    if (ma !== undefined && mb !== undefined && (ma.length !== mb.length || ma.some((v, k) => !Object.is(v, mb[k])))) return false;
+    const ra = row(a);
+    const rb = row(b);
+    for (let j = 0; j < per; j++) if (!Object.is(ra[j], rb[j])) return false;
+    return true;
+  };
+  const rows: number[] = [];
+  const index = Array.from({ length: batch }, (_, b) => {
+    const found = rows.findIndex((r) => same(r, b));
+    if (found >= 0) return found;
+    rows.push(b);
+    return rows.length - 1;
+  });
+  return rows.length === batch ? undefined : { index, rows };
 }
 
 function f32(t: Tensor): Tensor<'float32'> {
@@ -796,6 +840,11 @@ export class Sd15Engine {
       patch = mergePatch('unet', adapters.stack.entries.map((e) => ({ identity: fileIdentity(e.path), name: e.name, modules: e.modules, strength: e.unet })));
     }
     const families = bank ? this.bankFamiliesOf('unet', adapters.stack) : undefined;
+    // Elements sharing a sample share the layers before the first cross-attention (one timestep only).
+    const distinct =
+      variant.mergeDuplicateSamples === true && variant.regions !== true && variant.debugGradients !== true && t.data.every((v) => Object.is(v, t.data[0]))
+        ? distinctSamples(f32(sample), bank ? adapters.mix : undefined)
+        : undefined;
     const options = {
       level,
       adapterBank: bank,
@@ -803,6 +852,7 @@ export class Sd15Engine {
       debugGradients: variant.debugGradients === true,
       attentionBackward: resolveAttentionBackward(c, this.#attentionBackward, { height, width }),
       ...(variant.regions === true ? { regions: true, selfAttentionIsolation: variant.selfAttentionIsolation === true, regionOutputAdapters: variant.regionOutputAdapters === true } : {}),
+      ...(distinct === undefined ? {} : { sharedPrefix: true }),
     };
     // On the CPU one graph serves every CLoRA round: the whole UNet with ε in an If branch, skipped
     // when not wanted, which runs the same nodes as the truncated graph (one session instead of two).
@@ -873,6 +923,16 @@ export class Sd15Engine {
       this.#widen(session, feeds);
     }
     Object.assign(feeds, regionFeeds);
+    if (distinct !== undefined) {
+      const per = sample.shape.slice(1).reduce((a, d) => a * d, 1);
+      const data = new Float32Array(distinct.rows.length * per);
+      const all = f32(sample).data;
+      distinct.rows.forEach((b, u) => data.set(all.subarray(b * per, (b + 1) * per), u * per));
+      feeds.sample = { dtype: 'float32', shape: [distinct.rows.length, ...sample.shape.slice(1)], data };
+      feeds.timestep = { dtype: 'float32', shape: [1], data: t.data.slice(0, 1) };
+      feeds[SAMPLE_INDEX_INPUT] = { dtype: 'int64', shape: [batch], data: BigInt64Array.from(distinct.index, BigInt) };
+      feeds[SAMPLE_ROWS_INPUT] = { dtype: 'int64', shape: [distinct.rows.length], data: BigInt64Array.from(distinct.rows, BigInt) };
+    }
     // The VJP graph reads only the inputs of the layers before the cut.
     const wanted = new Set(session.inputNames);
     for (const name of Object.keys(feeds)) if (!wanted.has(name)) delete feeds[name];
@@ -883,7 +943,7 @@ export class Sd15Engine {
       xattn: f32(out.xattn!),
       selfattn: out.selfattn === undefined ? { dtype: 'float32', shape: [0], data: new Float32Array() } : f32(out.selfattn),
       ...(out.xattn_region === undefined ? {} : { xattnRegion: f32(out.xattn_region) }),
-      gradSample: ntxent?.skipGradient === true ? { dtype: 'float32', shape: [0], data: new Float32Array() } : f32(out[gradientOutput('sample')]!),
+      gradSample: ntxent?.skipGradient === true ? { dtype: 'float32', shape: [0], data: new Float32Array() } : spreadRows(f32(out[gradientOutput('sample')]!), distinct, batch),
       debugGradients,
       ...(out[NTXENT_LOSS_OUTPUT] === undefined ? {} : { ntxentLoss: f32(out[NTXENT_LOSS_OUTPUT]) }),
       ...(out.noise_pred === undefined || ntxent?.skipNoisePred === true ? {} : { noisePred: f32(out.noise_pred) }),

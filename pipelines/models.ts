@@ -86,7 +86,12 @@ export interface DenoiserModel {
   expectRebuilds?(on: boolean): void;
   /** The 1/32-grid maps only, from the UNet truncated after its last 1/32-grid layer (gradient-guided strategies). */
   maps?(request: DenoiseRequest): Promise<DenoiseMaps>;
-  /** ∂L/∂sample for L = Σ ⟨cotangents, maps⟩, with the maps (gradient-guided strategies). */
+  /**
+   * ∂L/∂sample for L = Σ ⟨cotangents, maps⟩, with the maps (gradient-guided strategies). Callers add
+   * up `gradSample` over the elements that read the same sample: elements with equal sample and
+   * LoRA mix may come back merged (the group's sum on one element, zeros on the others; the engine
+   * then runs their layers before the first cross-attention once). Likewise `ntXentVjp`.
+   */
   vjp?(request: DenoiseRequest, cotangents: DenoiseCotangents): Promise<{ maps: DenoiseMaps; gradSample: Tensor<'float32'> }>;
   /**
    * CLoRA's update in one pass: L = Σ_images NT-Xent of the xattn maps (computed in the graph from
@@ -257,7 +262,7 @@ export function engineModels(engine: Sd15Engine, options: { loraDirs?: readonly 
         return mapsOf(await engine.runUnet(unetInput(request), variant, request.adapters));
       },
       async vjp(request, cotangents) {
-        const out = await engine.runUnetVjp(unetInput(request), cotangents, request.adapters, { level: MAPS_LEVEL, ...(request.regions === undefined ? {} : regionVariant(request)) });
+        const out = await engine.runUnetVjp(unetInput(request), cotangents, request.adapters, { level: MAPS_LEVEL, mergeDuplicateSamples: true, ...(request.regions === undefined ? {} : regionVariant(request)) });
         return { maps: { xattn: out.xattn, selfattn: out.selfattn, ...(out.xattnRegion === undefined ? {} : { xattnRegion: out.xattnRegion }) }, gradSample: out.gradSample };
       },
       async ntXentForward(request, loss) {
@@ -265,12 +270,12 @@ export function engineModels(engine: Sd15Engine, options: { loraDirs?: readonly 
         const empty: Tensor<'float32'> = { dtype: 'float32', shape: [0], data: new Float32Array() };
         // The loss is computed and ignored: any valid picks do (row 0 of the maps).
         const feeds = ntXentFeeds([{ slot: 0, token: 0, label: 0 }], 1, request.context.shape[1]!, () => 0);
-        const out = await engine.runUnetVjp(unetInput(request), { xattn: empty, selfattn: empty }, request.adapters, { level: MAPS_LEVEL, ntxent: { temperature: loss.temperature, feeds, noisePred: true, skipGradient: true } });
+        const out = await engine.runUnetVjp(unetInput(request), { xattn: empty, selfattn: empty }, request.adapters, { level: MAPS_LEVEL, mergeDuplicateSamples: true, ntxent: { temperature: loss.temperature, feeds, noisePred: true, skipGradient: true } });
         return { noisePred: out.noisePred!, ...(request.attentionMaps === true ? { maps: { xattn: out.xattn, selfattn: empty } } : {}) };
       },
       async ntXentVjp(request, loss) {
         const empty: Tensor<'float32'> = { dtype: 'float32', shape: [0], data: new Float32Array() };
-        const out = await engine.runUnetVjp(unetInput(request), { xattn: empty, selfattn: empty }, request.adapters, { level: MAPS_LEVEL, ntxent: loss });
+        const out = await engine.runUnetVjp(unetInput(request), { xattn: empty, selfattn: empty }, request.adapters, { level: MAPS_LEVEL, mergeDuplicateSamples: true, ntxent: loss });
         return { xattn: out.xattn, loss: out.ntxentLoss!.data, gradSample: out.gradSample, ...(out.noisePred === undefined ? {} : { noisePred: out.noisePred }) };
       },
     },

@@ -12,6 +12,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { AdapterStack, Sd15Engine, openSafetensors, type AdapterUse, type LoadedLora, type Tensor } from '../models/index.ts';
+import { distinctSamples } from '../models/engine.ts';
 import { parseUnetConfig } from '../models/networks/config.ts';
 import { buildUnetGraph } from '../models/networks/unet.ts';
 import { buildUnetMapsGraph, buildUnetNtXentVjpGraph, buildUnetVjpGraph, NTXENT_LOSS_OUTPUT, resolveAttentionBackward } from '../models/networks/unet-vjp.ts';
@@ -177,6 +178,56 @@ describe('UNet VJP matches the reference gradients (tiny-sd15-ref vjp/*)', () =>
     } finally {
       for (const [, other] of others) await other.dispose();
     }
+  });
+
+  test('mergeDuplicateSamples: a CFG pair shares its layers before the first cross-attention; the pair\'s gradient is the reference rows\' sum', async (t) => {
+    const c = cases.find((k) => k.id === 'vjp/b2_t800_cfg')!;
+    const { unet, cotangents } = inputsOf(c);
+    const merged = await engine.runUnetVjp(unet, cotangents, undefined, { mergeDuplicateSamples: true });
+    const per = unet.sample.data.length / 2;
+    const want = expected(c, 'grad_sample');
+    const sum = Float32Array.from(want.subarray(0, per), (v, j) => v + want[per + j]!);
+    const scale = Math.max(...sum.map(Math.abs));
+    const d = assertClose(merged.gradSample.data.subarray(0, per), sum, 2e-4, 'row 0: the pair\'s gradient');
+    assert.ok(merged.gradSample.data.subarray(per).every((v) => v === 0), 'row 1 (the same sample) comes back as zeros: its gradient is on row 0');
+    assert.deepEqual(merged.gradSample.shape, unet.sample.shape);
+    assertClose(merged.xattn.data, expected(c, 'xattn'), 1e-5, 'xattn per batch element');
+    assertClose(merged.selfattn.data, expected(c, 'selfattn'), 1e-5, 'selfattn per batch element');
+    const separate = await engine.runUnetVjp(unet, cotangents);
+    const sepSum = Float32Array.from(separate.gradSample.data.subarray(0, per), (v, j) => v + separate.gradSample.data[per + j]!);
+    const e = assertClose(merged.gradSample.data.subarray(0, per), sepSum, 1e-6 * scale, 'merged vs separate rows summed');
+    t.diagnostic(`vs reference sum ${d.toExponential(2)}, vs separate rows summed ${e.toExponential(2)} (max |grad| ${scale.toExponential(2)})`);
+  });
+
+  test('mergeDuplicateSamples with the adapter bank: elements merge only where sample and LoRA mix agree', async () => {
+    const c = cases.find((k) => k.id === 'vjp/b2_t800_cfg')!;
+    const { unet, cotangents } = inputsOf(c);
+    const twice = (x: Tensor<'float32'>): Tensor<'float32'> => ({ dtype: 'float32', shape: [x.shape[0]! * 2, ...x.shape.slice(1)], data: Float32Array.from([...x.data, ...x.data]) });
+    const input = { sample: twice(unet.sample), timestep: unet.timestep, encoderHiddenStates: twice(unet.encoderHiddenStates) };
+    const cot = { xattn: twice(cotangents.xattn), selfattn: twice(cotangents.selfattn) };
+    const stack = new AdapterStack([{ path: lora.path, name: lora.name, modules: lora.modules, te: 1, unet: 1 }]);
+    const adapters: AdapterUse = { mode: 'bank', stack, mix: [[1], [1], [0.5], [0.5]] };
+    const merged = await engine.runUnetVjp(input, cot, adapters, { mergeDuplicateSamples: true });
+    const separate = await engine.runUnetVjp(input, cot, adapters);
+    const per = unet.sample.data.length / 2;
+    const row = (g: Float32Array, b: number) => g.subarray(b * per, (b + 1) * per);
+    for (const [first, second] of [[0, 1], [2, 3]] as const) {
+      const want = Float32Array.from(row(separate.gradSample.data, first), (v, j) => v + row(separate.gradSample.data, second)[j]!);
+      const scale = Math.max(...want.map(Math.abs));
+      assertClose(row(merged.gradSample.data, first), want, 1e-6 * scale, `elements ${first} and ${second} (mix ${adapters.mix[first]})`);
+      assert.ok(row(merged.gradSample.data, second).every((v) => v === 0), `element ${second} merged into ${first}`);
+    }
+    assert.ok(Math.max(...row(merged.gradSample.data, 0).map((v, j) => Math.abs(v - row(merged.gradSample.data, 2)[j]!))) > 1e-6, 'the two mixes give different gradients (not merged across mixes)');
+    assertClose(merged.xattn.data, separate.xattn.data, 1e-6, 'maps');
+  });
+
+  test('distinctSamples: equal sample rows with equal LoRA mix rows share one sample', () => {
+    const t = (rows: number[][]): Tensor<'float32'> => ({ dtype: 'float32', shape: [rows.length, rows[0]!.length], data: Float32Array.from(rows.flat()) });
+    assert.equal(distinctSamples(t([[1, 2], [1, 3]])), undefined, 'all distinct');
+    assert.deepEqual(distinctSamples(t([[1, 2], [1, 2], [3, 4], [1, 2]])), { index: [0, 0, 1, 0], rows: [0, 2] });
+    assert.deepEqual(distinctSamples(t([[1, 2], [1, 2], [1, 2], [1, 2]]), [[1], [1], [0], [0]]), { index: [0, 0, 1, 1], rows: [0, 2] });
+    assert.equal(distinctSamples(t([[1, 2], [1, 2]]), [[1, 0], [0, 1]]), undefined, 'same sample, different mix');
+    assert.equal(distinctSamples(t([[0, 2], [-0, 2]])), undefined, '0 and -0 are told apart (bitwise equal rows only)');
   });
 
   test('attentionBackward auto: kept probabilities up to KEEP_PROBS_BYTES per sample, recomputed above', () => {
@@ -460,6 +511,28 @@ describe('UNet VJP graph', () => {
     }
     const maps = buildUnetMapsGraph(sd, { level: 2, maps: ['xattn'] });
     assert.deepEqual(maps.constants.map((c) => c.name), maps.constants.map((_, i) => `const_${i}`));
+  });
+
+  test('sharedPrefix: distinct samples in, the batch gathered once before the first cross-attention; not with regions', () => {
+    const graph = buildUnetGraph(tinyUnet(), { sharedPrefix: true, adapterBank: true });
+    const dims = (name: string) => graph.inputs.find((i) => i.name === name)?.shape;
+    assert.deepEqual(dims('sample'), ['samples', 4, 'height', 'width']);
+    assert.deepEqual(dims('sample_index'), ['batch']);
+    assert.deepEqual(dims('sample_rows'), ['samples']);
+    assert.deepEqual(dims('encoder_hidden_states')?.[0], 'batch');
+    // One Gather on sample_index per value crossing: the residual stream, the transformer's input, conv_in's skip.
+    const gathers = graph.nodes.filter((n) => n.opType === 'Gather' && n.inputs[1] === 'sample_index');
+    assert.equal(gathers.length, 3);
+    // The first self-attention runs before the gathers, the first cross-attention after the first ones.
+    const where = (pattern: RegExp) => graph.nodes.flatMap((n, i) => (pattern.test(n.name) ? [i] : []));
+    const attn1 = where(/^down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1[./]/);
+    const attn2 = where(/^down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn2[./]/);
+    const firstGather = Math.min(...gathers.map((n) => graph.nodes.indexOf(n)));
+    assert.ok(attn1.length > 0 && Math.max(...attn1) < firstGather, `the first self-attention (nodes ${attn1[0]}…${attn1.at(-1)}) runs before the gathers (first at ${firstGather})`);
+    assert.ok(attn2.length > 0 && Math.min(...attn2) > firstGather, `the first cross-attention (from node ${attn2[0]}) runs after the first gather (${firstGather})`);
+    // The prefix's LoRA layers read the mix rows of the distinct samples.
+    assert.ok(graph.nodes.some((n) => n.opType === 'Gather' && n.inputs[0] === 'lora_mix' && n.inputs[1] === 'sample_rows'), 'lora_mix gathered by sample_rows');
+    assert.throws(() => buildUnetGraph(tinyUnet(), { sharedPrefix: true, regions: true }), /shared prefix does not go with regions/);
   });
 
   test('with the adapter bank, reads the LoRA inputs of the layers before the cut only', () => {

@@ -57,7 +57,8 @@ interface BankState {
   readonly prefixes: readonly string[];
   /** Only modules of these families (see `bankFamily`) get bank inputs; undefined: all. */
   readonly families: ReadonlySet<string> | undefined;
-  readonly mix: Value;
+  /** The per-batch mix the layers read (swapped by `withBankMix`). */
+  mix: Value;
   readonly layers: BankLayer[];
   /** Inputs per module, so a layer applied twice (global and region paths) shares them. */
   readonly inputs: Map<string, { down: Value; up: Value; owner: Value }>;
@@ -102,6 +103,21 @@ export function bankFamily(module: string): string {
 export function attachAdapterBank(g: Ops, prefixes: readonly string[], families?: readonly string[]): void {
   const mix = g.input(LORA_MIX_INPUT, 'float32', ['batch', 'adapters']);
   banks.set(g, { prefixes, families: families === undefined ? undefined : new Set(families), mix, layers: [], inputs: new Map() });
+}
+
+/**
+ * Make the bank layers declared from now on read `mix` (rows, K) instead of the `lora_mix` input,
+ * e.g. the rows of a shared prefix (see `UnetBuildOptions.sharedPrefix`). Returns the function that
+ * switches back. A no-op without a bank.
+ */
+export function withBankMix(g: Ops, mix: (lora: Value) => Value): () => void {
+  const bank = banks.get(g);
+  if (bank === undefined) return () => undefined;
+  const before = bank.mix;
+  bank.mix = mix(before);
+  return () => {
+    bank.mix = before;
+  };
 }
 
 /** The bank layers declared so far (all of them once the graph is built). */

@@ -63,6 +63,11 @@ export interface UnetVjpOptions {
    *   the engine resolves `auto` from the request's latent size.
    */
   readonly attentionBackward?: AttentionBackward;
+  /**
+   * The shared prefix of `UnetBuildOptions.sharedPrefix`: `sample` holds the distinct samples, and
+   * the gradient is with respect to them (each the sum over the batch elements that read it).
+   */
+  readonly sharedPrefix?: boolean;
 }
 
 export type AttentionBackward = 'per-op' | 'recompute' | 'keep' | 'auto';
@@ -108,8 +113,15 @@ function forwardGraph(config: UnetConfig, options: UnetVjpOptions): Graph {
     ...(options.regions === true ? { regions: true } : {}),
     ...(options.selfAttentionIsolation === true ? { selfAttentionIsolation: true } : {}),
     ...(options.regionOutputAdapters === true ? { regionOutputAdapters: true } : {}),
+    ...(options.sharedPrefix === true ? { sharedPrefix: true } : {}),
   });
 }
+
+/** Dims the time embedding may broadcast into (the engine feeds 1 or B timesteps; one with a shared prefix). */
+const TIMESTEP_BROADCASTS: [string, string][] = [
+  ['timestep_batch', 'batch'],
+  ['timestep_batch', 'samples'],
+];
 
 /** The maps a VJP or truncated forward of these options differentiates / outputs. */
 export function unetMapsOf(options: Pick<UnetVjpOptions, 'maps' | 'regions'>): readonly UnetMap[] {
@@ -145,7 +157,7 @@ export function buildUnetNtXentVjpGraph(config: UnetConfig, options: UnetVjpOpti
   return buildVjpGraph(appendGraph(forward, g.finish(), 'loss.'), {
     outputs: ['xattn', NTXENT_LOSS_OUTPUT],
     wrt: 'sample',
-    broadcastsInto: [['timestep_batch', 'batch']],
+    broadcastsInto: TIMESTEP_BROADCASTS,
     ...(full ? { passThrough: ['noise_pred'] } : {}),
     ...leanOption(config, options),
   });
@@ -169,7 +181,7 @@ export function buildUnetVjpGraph(config: UnetConfig, options: UnetVjpOptions): 
     outputs: unetMapsOf(options),
     wrt: 'sample',
     // The engine accepts 1 or B timesteps, so the time embedding never broadcasts the feature maps.
-    broadcastsInto: [['timestep_batch', 'batch']],
+    broadcastsInto: TIMESTEP_BROADCASTS,
     probes,
     ...leanOption(config, options),
   });

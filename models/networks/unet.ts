@@ -17,7 +17,7 @@ import type { Graph, Value } from '../onnx/builder.ts';
 import { Ops } from '../onnx/ops.ts';
 import { ModelError } from '../errors.ts';
 import { attention, resnetBlock2D } from './blocks.ts';
-import { attachAdapterBank, enableSpatialMix } from './adapter-bank.ts';
+import { attachAdapterBank, enableSpatialMix, withBankMix } from './adapter-bank.ts';
 import { conv2d, groupNorm, layerNorm, linear } from './layers.ts';
 import type { UnetConfig } from './config.ts';
 
@@ -79,7 +79,23 @@ export interface UnetBuildOptions {
    * `RegionRouting.outputAdapters`).
    */
   readonly regionOutputAdapters?: boolean;
+  /**
+   * A shared prefix for batch elements that read the same sample (the two halves of a CFG pair, a
+   * CLoRA step's slots): `sample` holds the distinct samples only (S, C_in, h, w), input
+   * `sample_index` (B) int64 says which one each batch element reads, and with the adapter bank
+   * `sample_rows` (S) int64 names, for each sample, a batch element whose `lora_mix` row its prefix
+   * uses. Everything before the first layer that reads per-element inputs (the first
+   * cross-attention: in SD 1.5 conv_in, `down_blocks.0.resnets.0` and the first self-attention,
+   * the costliest layer at 512²) runs once per distinct sample; the batch is gathered there.
+   * Outputs are per batch element as without it. The caller guarantees that elements sharing a
+   * sample share their LoRA mix and timestep (the timestep input must then hold one value). Not
+   * with regions, the shallow variant or debug outputs.
+   */
+  readonly sharedPrefix?: boolean;
 }
+
+export const SAMPLE_INDEX_INPUT = 'sample_index';
+export const SAMPLE_ROWS_INPUT = 'sample_rows';
 
 /**
  * The isolation bias per ordered pair of distinct regions. The official code adds −1e6, which is
@@ -120,6 +136,41 @@ interface Ctx {
   /** Collected head-mean maps of the level: cross (B, N, M), self (B, N, N), region slots (B, R, N, S). */
   readonly maps?: { readonly level: number; readonly cross: Value[]; readonly self: Value[]; readonly regionCross: Value[] };
   readonly regions?: { readonly context: Value; readonly masks: readonly Value[]; readonly mix?: Value; readonly outputAdapters: boolean; readonly isolation?: Map<number, Value> };
+  readonly prefix?: SharedPrefix;
+}
+
+/**
+ * The state of `sharedPrefix` while the graph is built: values made before `crossed` have one row per
+ * distinct sample; `leave` gathers the batch from them once, at the first per-element layer.
+ */
+class SharedPrefix {
+  crossed = false;
+  constructor(
+    private readonly g: Ops,
+    private readonly index: Value,
+    private readonly skips: Value[],
+    private readonly restoreMix: () => void,
+  ) {}
+
+  /** A prefix value (S, …) → (B, …). */
+  lift(v: Value): Value {
+    return this.g.gather(v, this.index, { dim: 0 });
+  }
+
+  /** Whether a value made now is still a prefix value. */
+  get active(): boolean {
+    return !this.crossed;
+  }
+
+  /** End the prefix: the bank reads `lora_mix` again, the skip connections made so far are gathered. */
+  leave(): void {
+    if (this.crossed) return;
+    this.crossed = true;
+    this.restoreMix();
+    this.g.scope('shared_prefix', () => {
+      for (let i = 0; i < this.skips.length; i++) this.skips[i] = this.lift(this.skips[i]!);
+    });
+  }
 }
 
 /**
@@ -189,7 +240,8 @@ function basicTransformerBlock(ctx: Ctx, x: Value, dim: number, heads: number, c
     const wantedHere = ctx.wanted.has(path);
     const mapHere = ctx.maps !== undefined && blockLevel === ctx.maps.level;
     if (!wantedHere && !mapHere) return undefined;
-    return (probs: Value) => {
+    return (raw: Value) => {
+      const probs = ctx.prefix?.active === true ? ctx.prefix.lift(raw) : raw;
       if (wantedHere) ctx.taps.set(path, probs);
       if (mapHere) (module === 'attn2' ? ctx.maps!.cross : ctx.maps!.self).push(g.reduceMean(probs, { dims: [1], keepdim: false })); // (B, h, N, M) → (B, N, M)
     };
@@ -197,6 +249,11 @@ function basicTransformerBlock(ctx: Ctx, x: Value, dim: number, heads: number, c
   const tap1 = tapFor('attn1');
   const tap2 = tapFor('attn2');
   let h = x;
+  // The first layer reading per-element inputs (the text) ends a shared prefix.
+  if (onlyCrossAttention && ctx.prefix?.active === true) {
+    ctx.prefix.leave();
+    h = ctx.prefix.lift(h);
+  }
   const n1 = layerNorm(g, 'norm1', h, dim, { eps: TRANSFORMER_LAYER_NORM_EPS });
   let scoreBias: Value | undefined;
   const isolation = ctx.regions?.isolation;
@@ -213,6 +270,10 @@ function basicTransformerBlock(ctx: Ctx, x: Value, dim: number, heads: number, c
       : attention(g, n1, undefined, { queryDim: dim, kvDim: dim, heads, dimHead, qkvBias: false, tap: tap1, ...(scoreBias === undefined ? {} : { scoreBias }) }),
   );
   h = g.add(a1, h);
+  if (ctx.prefix?.active === true) {
+    ctx.prefix.leave();
+    h = ctx.prefix.lift(h);
+  }
   const n2 = layerNorm(g, 'norm2', h, dim, { eps: TRANSFORMER_LAYER_NORM_EPS });
   const level = unetLevelOf(g.scopePath + '.', ctx.c.blockOutChannels.length);
   const regions =
@@ -238,9 +299,11 @@ function basicTransformerBlock(ctx: Ctx, x: Value, dim: number, heads: number, c
  * use_linear_projection) → transformer blocks on (B, H·W, C) tokens → proj_out → + input.
  * (B, C, H, W) → (B, C, H, W)
  */
-function transformer2DModel(ctx: Ctx, x: Value, channels: number, heads: number, layers: number, crossDim: number, onlyCrossAttention: boolean): Value {
+function transformer2DModel(ctx: Ctx, input: Value, channels: number, heads: number, layers: number, crossDim: number, onlyCrossAttention: boolean): Value {
   const { g, c } = ctx;
   const inner = channels; // heads · (channels / heads)
+  const inPrefix = ctx.prefix?.active === true;
+  let x = input;
   const normed = groupNorm(g, 'norm', x, channels, { groups: c.normNumGroups, eps: TRANSFORMER_NORM_EPS });
   let tokens: Value;
   if (c.useLinearProjection) {
@@ -253,6 +316,8 @@ function transformer2DModel(ctx: Ctx, x: Value, channels: number, heads: number,
   for (let i = 0; i < layers; i++) {
     tokens = g.scope(`transformer_blocks.${i}`, () => basicTransformerBlock(ctx, tokens, inner, heads, crossDim, onlyCrossAttention));
   }
+  // The prefix ended inside: the residual input is gathered to the batch too.
+  if (inPrefix && ctx.prefix !== undefined && ctx.prefix.crossed) x = ctx.prefix.lift(x);
   let out: Value;
   if (c.useLinearProjection) {
     const projected = linear(g, 'proj_out', tokens, inner, channels, { bias: true });
@@ -370,7 +435,11 @@ export function buildUnetGraph(config: UnetConfig, options: UnetBuildOptions = {
   if (!c.crossAttentionDim.every((d) => d === crossDim)) {
     throw new ModelError('UNSUPPORTED_ARCHITECTURE', `per-block cross_attention_dim ${JSON.stringify(c.crossAttentionDim)} is not supported (one text-embedding width expected)`);
   }
-  const sample = g.input('sample', 'float32', ['batch', c.inChannels, 'height', 'width']);
+  const shared = options.sharedPrefix === true;
+  if (shared && (options.regions === true || options.shallow === true || options.debugOutputs === true)) {
+    throw new ModelError('GRAPH_BUILD', 'a shared prefix does not go with regions, the shallow variant or debug outputs', {});
+  }
+  const sample = g.input('sample', 'float32', [shared ? 'samples' : 'batch', c.inChannels, 'height', 'width']);
   const timestep = g.input('timestep', 'float32', ['timestep_batch']);
   const context = g.input('encoder_hidden_states', 'float32', ['batch', 'sequence', crossDim]);
   const debug = (name: string, v: Value) => {
@@ -406,12 +475,20 @@ export function buildUnetGraph(config: UnetConfig, options: UnetBuildOptions = {
     throw new ModelError('GRAPH_BUILD', 'self-attention isolation and region output adapters need the regions variant', {});
   }
   const maps = options.attentionMaps === undefined ? undefined : { level: options.attentionMaps.level, cross: [] as Value[], self: [] as Value[], regionCross: [] as Value[] };
-  const ctx: Ctx = { g, c, temb, tembChannels, context, taps: new Map(), wanted, ...(maps === undefined ? {} : { maps }), ...(regions === undefined ? {} : { regions }) };
+  const skips: Value[] = [];
+  let prefix: SharedPrefix | undefined;
+  if (shared) {
+    const index = g.input(SAMPLE_INDEX_INPUT, 'int64', ['batch']);
+    const rows = options.adapterBank === true ? g.input(SAMPLE_ROWS_INPUT, 'int64', ['samples']) : undefined;
+    const restore = rows === undefined ? () => undefined : withBankMix(g, (mix) => g.gather(mix, rows, { dim: 0 }));
+    prefix = new SharedPrefix(g, index, skips, restore);
+  }
+  const ctx: Ctx = { g, c, temb, tembChannels, context, taps: new Map(), wanted, ...(maps === undefined ? {} : { maps }), ...(regions === undefined ? {} : { regions }), ...(prefix === undefined ? {} : { prefix }) };
 
   // 2. conv_in; its output is the first skip.
   let h = conv2d(g, 'conv_in', sample, c.inChannels, c0, { kernel: 3, padding: 1 });
   debug('conv_in', h);
-  const skips: Value[] = [h];
+  skips.push(h);
 
   const n = c.blockOutChannels.length;
   if (options.shallow === true) {
@@ -444,6 +521,11 @@ export function buildUnetGraph(config: UnetConfig, options: UnetBuildOptions = {
     }
   }
   g.check(skips.length === 0, `${skips.length} skip connections left unused`);
+  // A UNet without cross-attention: the prefix is the whole network.
+  if (prefix?.active === true) {
+    prefix.leave();
+    h = prefix.lift(h);
+  }
 
   // 6. out: GroupNorm → SiLU → conv.
   const normed = groupNorm(g, 'conv_norm_out', h, c0, { groups: c.normNumGroups, eps: c.normEps });

@@ -445,12 +445,13 @@ function inferFacts(graph: Graph, broadcastsInto: ReadonlyArray<readonly [string
     const c = graph.constants.find((k) => k.name === name);
     return c !== undefined && c.dtype === 'float32' ? new Float32Array(c.bytes.slice().buffer) : undefined;
   };
-  const larger = new Map(broadcastsInto.map(([small, large]) => [small, large]));
+  const larger = new Map<string, Set<string>>();
+  for (const [small, large] of broadcastsInto) larger.set(small, (larger.get(small) ?? new Set()).add(large));
   const broadcastDim = (a: Dim, b: Dim): Dim => {
     if (a === b || b === 1) return a;
     if (a === 1) return b;
-    if (typeof a === 'string' && larger.get(a) === b) return b;
-    if (typeof b === 'string' && larger.get(b) === a) return a;
+    if (typeof a === 'string' && typeof b === 'string' && larger.get(a)?.has(b) === true) return b;
+    if (typeof b === 'string' && typeof a === 'string' && larger.get(b)?.has(a) === true) return a;
     // Sizes that broadcast at run time: the larger of the two, as one flat set `max{a|b|…}`.
     const members = (d: Dim) => (typeof d === 'string' && d.startsWith('max{') ? d.slice(4, -1).split('|') : [atom(String(d))]);
     return `max{${[...new Set([...members(a), ...members(b)])].sort().join('|')}}`;
