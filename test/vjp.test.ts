@@ -503,9 +503,11 @@ describe('UNet VJP graph', () => {
     // the VJP builder renumber constants as the builder does, which failed on the gap ("unet
     // already has a value const_27") the first time a 512² run took the one-pass update.
     const sd = parseUnetConfig(JSON.parse(fs.readFileSync(path.join(FIXTURES, 'sd15-keys', 'unet_diffusers.json'), 'utf-8')).config, 'sd15 unet');
-    for (const noisePred of [false, true]) {
-      const g = buildUnetNtXentVjpGraph(sd, { level: 2, temperature: 0.5, noisePred, adapterBank: true, attentionBackward: 'recompute' });
+    // The engine's CLoRA graph shares the CFG pairs' prefix (`sharedPrefix`); the gradient is per distinct sample.
+    for (const [noisePred, sharedPrefix] of [[false, false], [true, true]] as const) {
+      const g = buildUnetNtXentVjpGraph(sd, { level: 2, temperature: 0.5, noisePred, adapterBank: true, attentionBackward: 'recompute', sharedPrefix });
       assert.deepEqual(g.outputs.map((o) => o.name), ['xattn', NTXENT_LOSS_OUTPUT, ...(noisePred ? ['noise_pred'] : []), 'grad_sample']);
+      assert.equal(g.outputs.find((o) => o.name === 'grad_sample')?.shape?.[0], sharedPrefix ? 'samples' : 'batch');
       const defined = new Set([...g.inputs.map((i) => i.name), ...g.params.map((p) => p.name), ...g.constants.map((c) => c.name), ...g.nodes.flatMap((n) => n.outputs)]);
       assert.ok(g.nodes.every((n) => n.inputs.every((v) => v === '' || defined.has(v))), 'every value read is defined');
     }
