@@ -5,7 +5,8 @@
  * - real SD 1.5 size (random weights, 512×512): seconds per step for the same strategies at
  *   N = 2, 3, 5 (steps 1… of a short run; step 0 includes session start).
  * Ratios: Composite batched / N calls (goal ≤ 1/1.3), CMLoRA c / Composite (goal c = 3 ≤ 0.5),
- * Merge / plain.
+ * Merge / plain. Then the batching ceiling: the plain UNet as N batch-2 calls against one batch-2N
+ * call (`--variants ceiling` runs only that).
  *
  *   npm run bench:composition [-- --only tiny|sd15 --n 2,3,5 --steps 6 --variants composite,cmlora --reps 3]
  *
@@ -122,6 +123,53 @@ async function run(setting: 'tiny' | 'sd15', modelDir: string, loraFiles: readon
     };
     emit(summary);
     log(`${setting} N=${n}: batched composite ${summary.speedupBatchedOverNCalls}× faster than N calls (max |Δ| ${diff.toExponential(1)}); CMLoRA/Composite ${JSON.stringify(summary.cmloraOverComposite)}; Merge/plain ${summary.mergeOverPlain}`);
+  }
+  if (values.variants === undefined || values.variants.split(',').includes('ceiling')) for (const n of counts) await batchingCeiling(setting, modelDir, n, job.width ?? 512, job.height ?? 512);
+}
+
+/**
+ * What batching alone can gain on this machine: the plain UNet (no LoRA, nothing shared between
+ * elements) as N calls of a CFG-sized batch of 2 against one call of 2N, alternated, medians of
+ * the rounds. Composite's branches share nothing beyond the layers before the first LoRA layer, so
+ * batched Composite over N calls cannot beat this ratio by more than that prefix's share.
+ */
+async function batchingCeiling(setting: string, modelDir: string, n: number, width: number, height: number): Promise<void> {
+  const rounds = setting === 'sd15' ? 2 : tinyReps * 3;
+  const engine = Sd15Engine.open(modelDir, { device: 'cpu', cacheDir: path.join(defaultBenchWorkDir(), 'cache'), threads });
+  try {
+    const c = engine.model.unet;
+    const [h, w] = [height / 8, width / 8];
+    let seed = 11;
+    const random = (length: number) =>
+      Float32Array.from({ length }, () => {
+        seed = (seed * 16807) % 2147483647;
+        return seed / 2147483647 - 0.5;
+      });
+    const input = (batch: number) => ({
+      sample: { dtype: 'float32' as const, shape: [batch, c.inChannels, h, w], data: random(batch * c.inChannels * h * w) },
+      timestep: { dtype: 'float32' as const, shape: [1], data: Float32Array.of(500) },
+      encoderHiddenStates: { dtype: 'float32' as const, shape: [batch, 77, c.crossAttentionDim[0]!], data: random(batch * 77 * c.crossAttentionDim[0]!) },
+    });
+    const pair = input(2);
+    const all = input(2 * n);
+    await engine.runUnet(pair);
+    await engine.runUnet(all);
+    const separate: number[] = [];
+    const batched: number[] = [];
+    for (let r = 0; r < rounds; r++) {
+      let t0 = performance.now();
+      for (let k = 0; k < n; k++) await engine.runUnet(pair);
+      separate.push(performance.now() - t0);
+      t0 = performance.now();
+      await engine.runUnet(all);
+      batched.push(performance.now() - t0);
+    }
+    const median = (x: number[]) => [...x].sort((a, b) => a - b)[x.length >> 1]!;
+    const ratio = Math.round((median(separate) / median(batched)) * 1000) / 1000;
+    emit({ record: 'batching_ceiling', setting, n, size: `${width}x${height}`, msNCallsOfBatch2: Math.round(median(separate)), msOneCallOfBatch2N: Math.round(median(batched)), speedupBatchedOverNCalls: ratio, rounds });
+    log(`${setting} N=${n} plain UNet, no LoRA: ${n} calls of batch 2 ${(median(separate) / 1000).toFixed(2)} s, one call of batch ${2 * n} ${(median(batched) / 1000).toFixed(2)} s: batching alone gains ${ratio}×`);
+  } finally {
+    await engine.dispose();
   }
 }
 

@@ -113,6 +113,15 @@ export interface UnetVariant {
   readonly selfAttentionIsolation?: boolean;
   /** With `regions` and LoRAs: each slot's output through its own to_out.0 adapters (see networks/unet.ts). */
   readonly regionOutputAdapters?: boolean;
+  /**
+   * Batch elements that share a sample, a LoRA mix row and the call's one timestep (the two halves
+   * of a CFG pair) run the layers before the first cross-attention once (networks/unet.ts
+   * `sharedPrefix`; in SD 1.5 conv_in, `down_blocks.0.resnets.0` and the first self-attention).
+   * `runUnet` finds the distinct samples of each call; the session is the same whatever it finds,
+   * and the outputs are per batch element as without it. Not with regions, the shallow variant,
+   * debug outputs or the maps-only graph (GRAPH_BUILD).
+   */
+  readonly sharedPrefix?: boolean;
 }
 
 /** Region inputs of one UNet call (the regions variant). */
@@ -341,6 +350,24 @@ export function distinctSamples(sample: Tensor<'float32'>, mix?: readonly (reado
     return rows.length - 1;
   });
   return rows.length === batch ? undefined : { index, rows };
+}
+
+/**
+ * The feeds of a shared-prefix graph (`sharedPrefix`): the distinct sample rows, their index per
+ * batch element, the batch element whose LoRA mix each distinct sample's prefix uses, and the
+ * timestep (one value when samples are shared).
+ */
+function sharedPrefixFeeds(sample: Tensor<'float32'>, timestep: Tensor<'float32'>, distinct: { index: readonly number[]; rows: readonly number[] }): Record<string, Tensor> {
+  const per = sample.shape.slice(1).reduce((a, d) => a * d, 1);
+  const data = new Float32Array(distinct.rows.length * per);
+  distinct.rows.forEach((b, u) => data.set(sample.data.subarray(b * per, (b + 1) * per), u * per));
+  const shared = distinct.rows.length < distinct.index.length;
+  return {
+    sample: { dtype: 'float32', shape: [distinct.rows.length, ...sample.shape.slice(1)], data },
+    timestep: shared ? { dtype: 'float32', shape: [1], data: timestep.data.slice(0, 1) } : { dtype: 'float32', shape: [timestep.data.length], data: timestep.data },
+    [SAMPLE_INDEX_INPUT]: { dtype: 'int64', shape: [distinct.index.length], data: BigInt64Array.from(distinct.index, BigInt) },
+    [SAMPLE_ROWS_INPUT]: { dtype: 'int64', shape: [distinct.rows.length], data: BigInt64Array.from(distinct.rows, BigInt) },
+  };
 }
 
 function f32(t: Tensor): Tensor<'float32'> {
@@ -747,6 +774,13 @@ export class Sd15Engine {
       ...(input.deepFeature === undefined ? {} : { deep_feature: f32(input.deepFeature) }),
       ...regionFeeds,
     };
+    if (variant.sharedPrefix === true) {
+      // Elements share a prefix only under one timestep; otherwise each element is its own sample.
+      const identity = { index: Array.from({ length: batch }, (_, b) => b), rows: Array.from({ length: batch }, (_, b) => b) };
+      const oneTimestep = t.data.every((v) => Object.is(v, t.data[0]));
+      const distinct = (oneTimestep ? distinctSamples(f32(sample), adapters?.mode === 'bank' ? adapters.mix : undefined) : undefined) ?? identity;
+      Object.assign(all, sharedPrefixFeeds(f32(sample), t, distinct));
+    }
     // Variants that drop layers (shallow, maps-only) read only their own layers' inputs.
     const wanted = new Set(session.inputNames);
     for (const name of Object.keys(all)) if (!wanted.has(name)) delete all[name];
@@ -923,16 +957,7 @@ export class Sd15Engine {
       this.#widen(session, feeds);
     }
     Object.assign(feeds, regionFeeds);
-    if (distinct !== undefined) {
-      const per = sample.shape.slice(1).reduce((a, d) => a * d, 1);
-      const data = new Float32Array(distinct.rows.length * per);
-      const all = f32(sample).data;
-      distinct.rows.forEach((b, u) => data.set(all.subarray(b * per, (b + 1) * per), u * per));
-      feeds.sample = { dtype: 'float32', shape: [distinct.rows.length, ...sample.shape.slice(1)], data };
-      feeds.timestep = { dtype: 'float32', shape: [1], data: t.data.slice(0, 1) };
-      feeds[SAMPLE_INDEX_INPUT] = { dtype: 'int64', shape: [batch], data: BigInt64Array.from(distinct.index, BigInt) };
-      feeds[SAMPLE_ROWS_INPUT] = { dtype: 'int64', shape: [distinct.rows.length], data: BigInt64Array.from(distinct.rows, BigInt) };
-    }
+    if (distinct !== undefined) Object.assign(feeds, sharedPrefixFeeds(f32(sample), t, distinct));
     // The VJP graph reads only the inputs of the layers before the cut.
     const wanted = new Set(session.inputNames);
     for (const name of Object.keys(feeds)) if (!wanted.has(name)) delete feeds[name];

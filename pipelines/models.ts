@@ -237,8 +237,9 @@ export function engineModels(engine: Sd15Engine, options: { loraDirs?: readonly 
     denoiser: {
       async predict(request) {
         const { deepFeature, wantDeepFeature, regions, attentionMaps } = request;
+        // A CFG pair's halves (same latent, LoRA mix and timestep) share the layers before the first cross-attention.
         const variant: UnetVariant = {
-          ...(regions !== undefined ? regionVariant(request) : deepFeature !== undefined ? { shallow: true } : wantDeepFeature === true ? { deepFeature: true } : {}),
+          ...(regions !== undefined ? regionVariant(request) : deepFeature !== undefined ? { shallow: true } : { sharedPrefix: true, ...(wantDeepFeature === true ? { deepFeature: true } : {}) }),
           ...(attentionMaps === true ? { attentionMaps: { level: MAPS_LEVEL } } : {}),
         };
         const out = await engine.runUnet(unetInput(request), variant, request.adapters);

@@ -188,4 +188,80 @@ describe('LoRAs through the engine match the reference', () => {
     for (let i = 0; i < n; i++) diff = Math.max(diff, Math.abs(onlyA.noise_pred!.data[i]! - onlyB.noise_pred!.data[i]!));
     assert.ok(diff > 0.01, 'the two LoRAs really differ');
   });
+
+  describe('a shared prefix (sharedPrefix: a CFG pair runs the layers before the first cross-attention once)', () => {
+    const two = (a: Tensor<'float32'>, b: Tensor<'float32'>): Tensor<'float32'> => ({ dtype: 'float32', shape: [2, ...a.shape.slice(1)], data: Float32Array.from([...a.data, ...b.data]) });
+    // The second half of the pair reads other text (the negative prompt's role).
+    const other: Tensor<'float32'> = { dtype: 'float32', shape: ctx.shape, data: ctx.data.map((v, i) => (i % 7 === 0 ? -v : 0.5 * v)) };
+
+    /** Records the sample rows each call of the shared-prefix sessions is fed. */
+    const fedRows: number[][] = [];
+    const spy = async (variant: Record<string, unknown>) => {
+      const session = await engine.session('unet', variant);
+      const run = session.run.bind(session);
+      if ((session as { spied?: boolean }).spied !== true) {
+        Object.assign(session, {
+          spied: true,
+          run: (feeds: Record<string, Tensor>, ...rest: unknown[]) => {
+            fedRows.push([feeds.sample!.shape[0]!, (feeds.sample_index?.shape[0] as number | undefined) ?? -1]);
+            return (run as (...a: unknown[]) => unknown)(feeds, ...rest);
+          },
+        });
+      }
+    };
+
+    for (const c of cases) {
+      test(`${c.id}: a CFG pair through the shared prefix (bank) equals the reference and the unshared pair`, async () => {
+        const stack = stackOf(c);
+        const mix = [stack.strengths('unet'), stack.strengths('unet')];
+        const families = engine.bankFamiliesOf('unet', stack);
+        await spy({ sharedPrefix: true, adapterBank: true, ...(families === undefined ? {} : { bankFamilies: families }) });
+        fedRows.length = 0;
+        const input = { sample: two(sample, sample), timestep, encoderHiddenStates: two(ctx, other) };
+        const shared = await engine.runUnet(input, { sharedPrefix: true }, { mode: 'bank', stack, mix });
+        assert.deepEqual(fedRows, [[1, 2]], 'one distinct sample row, gathered to two batch elements');
+        const unshared = await engine.runUnet(input, {}, { mode: 'bank', stack, mix });
+        const n = sample.data.length;
+        assertClose(shared.noise_pred!.data.subarray(0, n), ref.readFloat32(c.outputs.noise_pred!.key).data, c.tolerance.atol!, `${c.id} element 0 against the reference`);
+        assertClose(shared.noise_pred!.data, unshared.noise_pred!.data, 1e-5, `${c.id} shared against unshared`);
+      });
+    }
+
+    test('elements with one sample but different LoRA mixes, or different timesteps, are not merged', async () => {
+      const stack = new AdapterStack([entryOf('lora_kohya_a.safetensors'), entryOf('lora_kohya_b_locon.safetensors')]);
+      const families = engine.bankFamiliesOf('unet', stack);
+      await spy({ sharedPrefix: true, adapterBank: true, ...(families === undefined ? {} : { bankFamilies: families }) });
+      const four = (t: Tensor<'float32'>, u: Tensor<'float32'>): Tensor<'float32'> => ({ dtype: 'float32', shape: [4, ...t.shape.slice(1)], data: Float32Array.from([...t.data, ...u.data, ...t.data, ...u.data]) });
+      // Composite's batch: LoRA A's CFG pair, then LoRA B's.
+      const mix = [[0.8, 0], [0.8, 0], [0, 0.8], [0, 0.8]];
+      const input = { sample: four(sample, sample), timestep, encoderHiddenStates: four(ctx, other) };
+      fedRows.length = 0;
+      const shared = await engine.runUnet(input, { sharedPrefix: true }, { mode: 'bank', stack, mix });
+      assert.deepEqual(fedRows, [[2, 4]], 'two distinct (sample, mix) rows for four elements');
+      const unshared = await engine.runUnet(input, {}, { mode: 'bank', stack, mix });
+      assertClose(shared.noise_pred!.data, unshared.noise_pred!.data, 1e-5, 'Composite batch, shared against unshared');
+      const n = sample.data.length;
+      let diff = 0;
+      for (let i = 0; i < n; i++) diff = Math.max(diff, Math.abs(shared.noise_pred!.data[i]! - shared.noise_pred!.data[2 * n + i]!));
+      assert.ok(diff > 0.01, `LoRA A's and LoRA B's conditional predictions differ (max |Δ| ${diff})`);
+
+      // Per-element timesteps: every element is its own sample.
+      const times: Tensor = { dtype: 'float32', shape: [4], data: Float32Array.from([unetIn.timestep, unetIn.timestep, 300, 300]) };
+      fedRows.length = 0;
+      const sharedT = await engine.runUnet({ ...input, timestep: times }, { sharedPrefix: true }, { mode: 'bank', stack, mix });
+      assert.deepEqual(fedRows, [[4, 4]], 'no sharing across per-element timesteps');
+      const unsharedT = await engine.runUnet({ ...input, timestep: times }, {}, { mode: 'bank', stack, mix });
+      assertClose(sharedT.noise_pred!.data, unsharedT.noise_pred!.data, 1e-5, 'per-element timesteps, shared against unshared');
+    });
+
+    test('without LoRAs, a CFG pair shares its prefix; the shared prefix is refused with regions', async () => {
+      await spy({ sharedPrefix: true });
+      fedRows.length = 0;
+      const input = { sample: two(sample, sample), timestep, encoderHiddenStates: two(ctx, other) };
+      const shared = await engine.runUnet(input, { sharedPrefix: true });
+      assert.deepEqual(fedRows, [[1, 2]], 'one distinct sample row');
+      assertClose(shared.noise_pred!.data, (await engine.runUnet(input)).noise_pred!.data, 1e-5, 'plain pair, shared against unshared');
+      await assert.rejects(() => engine.session('unet', { sharedPrefix: true, regions: true }), (e: Error & { code?: string }) => e.code === 'GRAPH_BUILD' && /shared prefix/.test(e.message));
+    });
+  });
 });
