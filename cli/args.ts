@@ -4,6 +4,7 @@
  */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { DEVICES, type Device, type EngineOptions } from '../models/index.ts';
+import { memorySizeBytes } from '../pipelines/api/memory-size.ts';
 
 export class UsageError extends Error {}
 
@@ -62,17 +63,11 @@ export function engineOptions(values: { device?: string; config?: string; tokeni
   };
 }
 
-/**
- * A memory size as people write it: bytes, or a number with K, M, G or T (binary units: 16G =
- * 16 GiB; KiB/MiB/GiB/TiB and KB/MB/GB/TB read the same way).
- */
+/** A memory size as people write it (`memorySizeBytes`), or a UsageError naming the flag. */
 export function parseMemorySize(flag: string, value: string): number {
-  const m = /^\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(?:i?B)?|B)?\s*$/i.exec(value);
-  const bytes = m === null ? NaN : Number(m[1]) * 1024 ** (m[2] === undefined ? 0 : 'KMGT'.indexOf(m[2].toUpperCase()) + 1);
-  if (!(Number.isFinite(bytes) && bytes >= 2 ** 30)) {
-    throw new UsageError(`${flag} must be a memory size of at least 1G, such as 16G, 12GiB or 12000M; got "${value}"`);
-  }
-  return Math.floor(bytes);
+  const bytes = memorySizeBytes(value);
+  if (bytes === undefined) throw new UsageError(`${flag} must be a memory size of at least 1G, such as 16G, 12GiB or 12000M; got "${value}"`);
+  return bytes;
 }
 
 export function requireValue(value: string | undefined, flag: string): string {

@@ -39,6 +39,9 @@ const MALFORMED: Readonly<Record<OpName, ReadonlyArray<[payload: unknown, field:
     [{ outputDir: 3 }, 'outputDir'],
     [{ outputDir: '' }, 'outputDir'],
     [{ lastModel: false }, 'lastModel'],
+    [{ memoryBytes: 512 * 2 ** 20 }, 'memoryBytes'],
+    [{ memoryBytes: '12G' }, 'memoryBytes'],
+    [{ memoryBytes: 2 ** 31 + 0.5 }, 'memoryBytes'],
   ],
   'models.scan': [
     [{}, 'dir'],
@@ -243,6 +246,40 @@ test('settings persist in their file, and a damaged file is moved aside, not los
     assert.equal(aside.length, 1);
     assert.equal(fs.readFileSync(path.join(path.dirname(file), aside[0]!), 'utf-8'), '{ not json');
   });
+});
+
+test('the memory setting persists and plans the app\'s jobs; null plans for all of this machine\'s RAM', { timeout: 120_000 }, async () => {
+  const file = path.join(tmp, 'settings-memory', 'settings.json');
+  const settings = { outputDir: path.join(tmp, 'out-memory'), device: 'cpu' as const };
+  const first = new EngineHost({ settingsFile: file, settings, cacheDir: path.join(tmp, 'cache') });
+  assert.equal((await first.call('settings.get', {})).memoryBytes, null, 'default: all of the machine');
+  assert.equal((await first.call('app.info', {})).machineMemoryBytes, os.totalmem());
+  assert.equal((await first.call('settings.set', { memoryBytes: 3 * 2 ** 30 })).memoryBytes, 3 * 2 ** 30);
+  await first.dispose();
+
+  const host = new EngineHost({ settingsFile: file, settings, cacheDir: path.join(tmp, 'cache') });
+  assert.equal((await host.call('settings.get', {})).memoryBytes, 3 * 2 ** 30, 'read back from the settings file');
+  await host.call('models.open', { path: MODEL });
+  const done = new Map<string, JobSummary>();
+  host.subscribe((e) => {
+    if (e.type === 'job.status' && (e.job.status === 'done' || e.job.status === 'failed')) done.set(e.id, e.job);
+  });
+  const job = { prompt: 'a cat', steps: 2, width: 64, height: 64, seed: '1', sampler: 'DDIM' };
+  const settle = async (id: string): Promise<JobSummary> => {
+    const deadline = Date.now() + 100_000;
+    while (!done.has(id) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    const summary = done.get(id);
+    assert.equal(summary?.status, 'done', JSON.stringify(summary?.error));
+    return summary;
+  };
+  const small = await settle((await host.call('jobs.generate', { job })).id);
+  assert.equal(small.plan?.memoryBytes, 3 * 2 ** 30, 'the job was planned for the setting');
+  assert.ok((small.plan?.maxBatch ?? 0) >= 2, `a CFG pair per call at least (plan ${JSON.stringify(small.plan)})`);
+  assert.equal(small.plan?.gradientBatch, null, 'no gradient calls in a plain job');
+  await host.call('settings.set', { memoryBytes: null });
+  const all = await settle((await host.call('jobs.generate', { job })).id);
+  assert.equal(all.plan?.memoryBytes, os.totalmem(), 'null: all of this machine');
+  await host.dispose();
 });
 
 test('settings load from A1111 and ComfyUI PNGs, with what could not be carried over', () => {

@@ -22,7 +22,7 @@ import { fileURLToPath } from 'node:url';
 import { WebSocketServer, type WebSocket } from 'ws';
 import { DEVICES, type Device } from '../../models/index.ts';
 import { EngineHost, defaultSettingsFile, type ApiEvent, type Operations } from '../../pipelines/index.ts';
-import { UsageError, parse } from '../args.ts';
+import { UsageError, parse, parseMemorySize } from '../args.ts';
 
 export const SERVE_HELP = `chorus serve — the Chorus app in your browser
 
@@ -36,6 +36,8 @@ export const SERVE_HELP = `chorus serve — the Chorus app in your browser
   --lora-dir <dir>    LoRA folder (repeatable)
   --device <ep>       ${DEVICES.join('|')} (default: the saved setting, else auto)
   --cache <dir>       converted weights and graphs (default ~/.cache/chorus)
+  --memory <size>     the RAM to plan each job's batches and sessions for (e.g. 12G; default: the saved
+                      setting, else all of this machine's); the app's Models screen sets it too
 
 Prints one line, "Chorus is running at http://127.0.0.1:PORT/?token=TOKEN", and serves until stopped (Ctrl+C).
 The token changes at every launch; requests without it are refused.
@@ -329,6 +331,7 @@ export async function runServe(argv: readonly string[]): Promise<number> {
     'lora-dir': { type: 'string', multiple: true },
     device: { type: 'string' },
     cache: { type: 'string' },
+    memory: { type: 'string' },
     renderer: { type: 'string' },
     help: { type: 'boolean' },
   });
@@ -349,6 +352,7 @@ export async function runServe(argv: readonly string[]): Promise<number> {
     ...(values['lora-dir'] === undefined ? {} : { loraDirs: values['lora-dir'].map((d) => path.resolve(d)) }),
     ...(values.device === undefined ? {} : { device: values.device as Device }),
     ...(values.model === undefined ? {} : { lastModel: path.resolve(values.model) }),
+    ...(values.memory === undefined ? {} : { memoryBytes: parseMemorySize('--memory', values.memory) }),
   };
   const host = new EngineHost({ settingsFile: defaultSettingsFile(), settings, ...(values.cache === undefined ? {} : { cacheDir: values.cache }) });
   await host.restore();

@@ -188,6 +188,8 @@ export interface AppInfo {
     readonly clipSkip: number;
   };
   readonly limits: { readonly minSidePx: number; readonly maxSidePx: number; readonly sideMultiple: number; readonly maxSteps: number; readonly maxRegions: number };
+  /** This machine's RAM: what jobs are planned for when `Settings.memoryBytes` is null. */
+  readonly machineMemoryBytes: number;
 }
 
 export interface Settings {
@@ -200,6 +202,11 @@ export interface Settings {
   readonly device: DeviceWire;
   /** Opened at start when set. */
   readonly lastModel: string | null;
+  /**
+   * The RAM to plan UNet batches and sessions for (bytes, at least 1 GiB), to leave room for other
+   * programs; `null`: all of this machine's (`AppInfo.machineMemoryBytes`). As `chorus generate --memory`.
+   */
+  readonly memoryBytes: number | null;
 }
 
 export interface ModelCandidate {
@@ -271,6 +278,21 @@ export interface JobSummary {
   readonly images: readonly string[];
   readonly error: ApiError | null;
   readonly createdAt: number;
+  /** How the job's UNet calls were planned for the memory setting (set when it starts running). */
+  readonly plan: JobPlan | null;
+}
+
+/** A job's memory plan (`generate`'s `MemoryPlan`). */
+export interface JobPlan {
+  readonly memoryBytes: number;
+  /** Largest batch per forward UNet call. */
+  readonly maxBatch: number;
+  /** Largest batch per gradient call (gradient-guided strategies). */
+  readonly gradientBatch: number | null;
+  /** UNet sessions kept alive together. */
+  readonly sessions: number;
+  /** The gradient session runs alone in memory. */
+  readonly exclusive: boolean;
 }
 
 export interface GalleryItem {
@@ -586,6 +608,7 @@ export const VALIDATORS: { readonly [K in OpName]: Check<Payload<K>> } = {
     modelsDir: o(v.nullable(filePath)),
     device: o(v.oneOf(DEVICE_WIRE_NAMES)),
     lastModel: o(v.nullable(filePath)),
+    memoryBytes: o(v.nullable(v.number({ integer: true, min: 2 ** 30, max: 2 ** 50 }))), // at least 1 GiB, as memory-size.ts
   }),
   'models.scan': v.object({ dir: filePath }),
   'models.open': v.object({ path: filePath }),

@@ -97,7 +97,7 @@ async function providerStatus(engine: Sd15Engine): Promise<ModelStatus['provider
   return { device: choice?.device ?? plan.device, reason: choice?.reason ?? planned, precision: plan.precision.reason };
 }
 
-const DEFAULT_SETTINGS: Settings = { outputDir: path.resolve('outputs'), loraDirs: [], modelsDir: null, device: 'auto', lastModel: null };
+const DEFAULT_SETTINGS: Settings = { outputDir: path.resolve('outputs'), loraDirs: [], modelsDir: null, device: 'auto', lastModel: null, memoryBytes: null };
 
 /** Thumbnails in the gallery: longest side in pixels. */
 const THUMBNAIL_SIDE_PX = 256;
@@ -293,6 +293,7 @@ export class EngineHost {
       ...(p.modelsDir === undefined ? {} : { modelsDir: p.modelsDir === null ? null : path.resolve(p.modelsDir) }),
       ...(p.device === undefined ? {} : { device: p.device }),
       ...(p.lastModel === undefined ? {} : { lastModel: p.lastModel }),
+      ...(p.memoryBytes === undefined ? {} : { memoryBytes: p.memoryBytes }),
     };
     if (p.loraDirs !== undefined) {
       for (const [i, d] of next.loraDirs.entries()) {
@@ -324,6 +325,7 @@ export class EngineHost {
         clipSkip: JOB_DEFAULTS.clipSkip,
       },
       limits: { minSidePx: MIN_SIDE_PX, maxSidePx: MAX_SIDE_PX, sideMultiple: LATENT_SCALE, maxSteps: MAX_STEPS, maxRegions: MAX_REGIONS },
+      machineMemoryBytes: os.totalmem(),
     };
   }
 
@@ -438,7 +440,7 @@ export class EngineHost {
     const record: JobRecord = {
       job,
       abort: new AbortController(),
-      summary: { id, status: 'pending', prompt: job.prompt, seed: job.seed.toString(), strategy: job.strategy.name, fraction: 0, images: [], error: null, createdAt: Date.now() },
+      summary: { id, status: 'pending', prompt: job.prompt, seed: job.seed.toString(), strategy: job.strategy.name, fraction: 0, images: [], error: null, createdAt: Date.now(), plan: null },
     };
     this.#jobs.set(id, record);
     this.#trimJobs();
@@ -476,8 +478,13 @@ export class EngineHost {
       const nameOf = outputNamer(outputDir, total);
       const latentH = job.height / models.vaeScale;
       const latentW = job.width / models.vaeScale;
+      const memoryBytes = this.#settings.memoryBytes;
       await generate(job, models, {
         signal: abort.signal,
+        ...(memoryBytes === null ? {} : { memoryBytes }),
+        onPlan: (plan, batch) => {
+          if (batch === 0) record.summary = { ...record.summary, plan: { memoryBytes: plan.memoryBytes, maxBatch: plan.maxBatch, gradientBatch: plan.gradientBatch ?? null, sessions: plan.sessions, exclusive: plan.exclusive } };
+        },
         onProgress: (p) => {
           const fraction = (p.batch + (p.evaluation + 1) / p.evaluations) / p.batches;
           record.summary = { ...record.summary, fraction };

@@ -10,6 +10,7 @@ import { compositionPayload, conceptsFromJob } from './concept-payload.ts';
 import { pruneConcepts, toggleConceptWord, type ConceptMap } from './prompt-tokens.ts';
 import { nextColor, refitRegions, regionWarnings, regionsPayload, type Box, type Region } from './region-geometry.ts';
 import { addEntry, entryFromCard, moveBefore, newKey, removeEntry, setEnabled, setSplit, setWeight, type StackEntry } from './stack-model.ts';
+import { memorySizeBytes } from '../../pipelines/api/memory-size.ts';
 
 export type Screen = 'create' | 'models' | 'gallery' | 'compare' | 'queue';
 export type RegionTool = 'select' | 'box' | 'mask' | 'erase';
@@ -173,6 +174,23 @@ export class AppState {
     if (s !== undefined) this.settings = s;
   }
 
+  /**
+   * The memory jobs are planned for, as typed ("12G", "16 GiB"); empty: all of this machine's.
+   * Returns whether it was taken (a size below 1 GiB or unreadable text is reported, not sent).
+   */
+  async setMemory(text: string): Promise<boolean> {
+    const trimmed = text.trim();
+    const bytes = trimmed === '' ? null : memorySizeBytes(trimmed);
+    if (bytes === undefined) {
+      this.errors = { ...this.errors, settings: { code: 'BAD_PAYLOAD', message: `Memory: "${trimmed}" is not a size of at least 1G. Write it like 12G, 16 GiB or 12000M, or leave it empty to use all of this machine's.`, details: { field: 'memoryBytes' } } };
+      return false;
+    }
+    const s = await this.#try('settings', () => this.api.call('settings.set', { memoryBytes: bytes }));
+    if (s === undefined) return false;
+    this.settings = s;
+    return true;
+  }
+
   // ---- LoRA library ----
 
   async refreshLoras(refresh = false): Promise<void> {
@@ -296,7 +314,7 @@ export class AppState {
     if (r === undefined) return;
     this.jobId = r.id;
     this.lastSeed = r.seed;
-    this.job = { id: r.id, status: 'pending', prompt: payload.prompt, seed: r.seed, strategy: this.form.strategy, fraction: 0, images: [], error: null, createdAt: Date.now() };
+    this.job = { id: r.id, status: 'pending', prompt: payload.prompt, seed: r.seed, strategy: this.form.strategy, fraction: 0, images: [], error: null, createdAt: Date.now(), plan: null };
   }
 
   async cancel(): Promise<void> {

@@ -90,6 +90,18 @@ test('the app in serve mode: model, stack, region, generate, gallery, reload set
   await provider.waitFor();
   assert.equal((await provider.textContent())?.trim(), 'cpu');
   assert.match((await provider.getAttribute('title')) ?? '', /^cpu: .+; weights fp32/);
+  // Memory: unreadable sizes are refused in words; a size is kept and shown.
+  const memoryNow = page.getByTestId('memory-now');
+  assert.match((await memoryNow.textContent()) ?? '', /all of this machine's RAM \(\d+\.\d GiB\)/);
+  await page.getByTestId('memory').fill('lots');
+  await page.getByTestId('set-memory').click();
+  const memoryError = page.locator('.error-note[data-code=BAD_PAYLOAD]');
+  await memoryError.waitFor();
+  assert.match((await memoryError.textContent()) ?? '', /"lots" is not a size of at least 1G/);
+  await page.getByTestId('memory').fill('3G');
+  await page.getByTestId('set-memory').click();
+  await memoryNow.filter({ hasText: 'planned for 3.0 GiB' }).waitFor();
+  await memoryError.waitFor({ state: 'detached' });
   await shot('models');
 
   // Create: the library lists the fixture LoRAs and flags the corrupt one.
@@ -225,6 +237,8 @@ test('the app in serve mode: model, stack, region, generate, gallery, reload set
   await page.getByText('No batch jobs.').waitFor();
   const statuses = await page.locator('[data-testid=queue-job] .job-status').allTextContents();
   assert.deepEqual(statuses, ['done', 'done', 'done']);
+  // Each job was planned for the memory set on the Models screen.
+  assert.equal(await page.getByTestId('queue-job').filter({ hasText: '3.0 GiB plan' }).count(), 3);
   await shot('queue');
   assert.deepEqual(errors, []);
 });
