@@ -118,8 +118,8 @@ export interface UnetVariant {
    * of a CFG pair) run the layers before the first cross-attention once (networks/unet.ts
    * `sharedPrefix`; in SD 1.5 conv_in, `down_blocks.0.resnets.0` and the first self-attention).
    * `runUnet` finds the distinct samples of each call; the session is the same whatever it finds,
-   * and the outputs are per batch element as without it. Not with regions, the shallow variant,
-   * debug outputs or the maps-only graph (GRAPH_BUILD).
+   * and the outputs are per batch element as without it. Not with regions, debug outputs or the
+   * maps-only graph (GRAPH_BUILD).
    */
   readonly sharedPrefix?: boolean;
 }
@@ -554,6 +554,7 @@ export class Sd15Engine {
       case 'unet':
         if (variant.mapsOnly === true) {
           if (variant.attentionMaps === undefined) throw new ModelError('GRAPH_BUILD', 'the maps-only UNet needs attentionMaps (which level)', {});
+          if (variant.sharedPrefix === true) throw new ModelError('GRAPH_BUILD', 'the maps-only UNet has no shared prefix', {});
           return buildUnetMapsGraph(this.model.unet, {
             level: variant.attentionMaps.level,
             adapterBank,

@@ -239,7 +239,7 @@ export function engineModels(engine: Sd15Engine, options: { loraDirs?: readonly 
         const { deepFeature, wantDeepFeature, regions, attentionMaps } = request;
         // A CFG pair's halves (same latent, LoRA mix and timestep) share the layers before the first cross-attention.
         const variant: UnetVariant = {
-          ...(regions !== undefined ? regionVariant(request) : deepFeature !== undefined ? { shallow: true } : { sharedPrefix: true, ...(wantDeepFeature === true ? { deepFeature: true } : {}) }),
+          ...(regions !== undefined ? regionVariant(request) : { sharedPrefix: true, ...(deepFeature !== undefined ? { shallow: true } : wantDeepFeature === true ? { deepFeature: true } : {}) }),
           ...(attentionMaps === true ? { attentionMaps: { level: MAPS_LEVEL } } : {}),
         };
         const out = await engine.runUnet(unetInput(request), variant, request.adapters);

@@ -254,6 +254,26 @@ describe('LoRAs through the engine match the reference', () => {
       assertClose(sharedT.noise_pred!.data, unsharedT.noise_pred!.data, 1e-5, 'per-element timesteps, shared against unshared');
     });
 
+    test('CMLoRA\'s passes: the full pass keeping its deep feature and the shallow pass from it share the prefix too', async () => {
+      const stack = new AdapterStack([entryOf('lora_kohya_a.safetensors'), entryOf('lora_kohya_b_locon.safetensors')]);
+      const families = engine.bankFamiliesOf('unet', stack);
+      const bank = (v: Record<string, unknown>) => ({ ...v, adapterBank: true, ...(families === undefined ? {} : { bankFamilies: families }) });
+      await spy(bank({ deepFeature: true, sharedPrefix: true }));
+      await spy(bank({ shallow: true, sharedPrefix: true }));
+      const use = { mode: 'bank' as const, stack, mix: [[0.8, 0], [0.8, 0]] };
+      const input = { sample: two(sample, sample), timestep, encoderHiddenStates: two(ctx, other) };
+      fedRows.length = 0;
+      const full = await engine.runUnet(input, { deepFeature: true, sharedPrefix: true }, use);
+      const withFeature = { ...input, deepFeature: full.deep_feature! };
+      const shallow = await engine.runUnet(withFeature, { shallow: true, sharedPrefix: true }, use);
+      assert.deepEqual(fedRows, [[1, 2], [1, 2]], 'both passes read one distinct sample row');
+      const fullPlain = await engine.runUnet(input, { deepFeature: true }, use);
+      assertClose(full.deep_feature!.data, fullPlain.deep_feature!.data, 1e-5, 'deep feature, shared against unshared');
+      assertClose(shallow.noise_pred!.data, (await engine.runUnet(withFeature, { shallow: true }, use)).noise_pred!.data, 1e-5, 'shallow pass, shared against unshared');
+      assertClose(shallow.noise_pred!.data, full.noise_pred!.data, 1e-5, 'a shallow pass on a fresh feature equals the full pass');
+      await assert.rejects(() => engine.session('unet', { attentionMaps: { level: 1 }, mapsOnly: true, sharedPrefix: true }), (e: Error & { code?: string }) => e.code === 'GRAPH_BUILD');
+    });
+
     test('without LoRAs, a CFG pair shares its prefix; the shared prefix is refused with regions', async () => {
       await spy({ sharedPrefix: true });
       fedRows.length = 0;

@@ -89,7 +89,8 @@ export interface UnetBuildOptions {
    * the costliest layer at 512²) runs once per distinct sample; the batch is gathered there.
    * Outputs are per batch element as without it. The caller guarantees that elements sharing a
    * sample share their LoRA mix and timestep (the timestep input must then hold one value). Not
-   * with regions, the shallow variant or debug outputs.
+   * with regions or debug outputs. The shallow variant shares its prefix too (its `deep_feature`
+   * input is per batch element).
    */
   readonly sharedPrefix?: boolean;
 }
@@ -436,8 +437,8 @@ export function buildUnetGraph(config: UnetConfig, options: UnetBuildOptions = {
     throw new ModelError('UNSUPPORTED_ARCHITECTURE', `per-block cross_attention_dim ${JSON.stringify(c.crossAttentionDim)} is not supported (one text-embedding width expected)`);
   }
   const shared = options.sharedPrefix === true;
-  if (shared && (options.regions === true || options.shallow === true || options.debugOutputs === true)) {
-    throw new ModelError('GRAPH_BUILD', 'a shared prefix does not go with regions, the shallow variant or debug outputs', {});
+  if (shared && (options.regions === true || options.debugOutputs === true)) {
+    throw new ModelError('GRAPH_BUILD', 'a shared prefix does not go with regions or debug outputs', {});
   }
   const sample = g.input('sample', 'float32', [shared ? 'samples' : 'batch', c.inChannels, 'height', 'width']);
   const timestep = g.input('timestep', 'float32', ['timestep_batch']);
@@ -494,6 +495,9 @@ export function buildUnetGraph(config: UnetConfig, options: UnetBuildOptions = {
   if (options.shallow === true) {
     // 3–5 (shallow). down_blocks.0 pairs only; the last up block starts from the cached feature.
     h = g.scope('down_blocks.0', () => downBlock(ctx, 0, h, c0, skips, false));
+    // The cached feature is per batch element: a prefix still running (no cross-attention in
+    // down_blocks.0) ends here, its skips gathered.
+    if (prefix?.active === true) prefix.leave();
     const featureChannels = c.blockOutChannels[Math.min(1, n - 1)]!;
     const feature = g.input('deep_feature', 'float32', ['batch', featureChannels, 'height', 'width']);
     h = g.scope(`up_blocks.${n - 1}`, () => upBlock(ctx, n - 1, feature, featureChannels, skips));
@@ -514,7 +518,7 @@ export function buildUnetGraph(config: UnetConfig, options: UnetBuildOptions = {
     // 5. up path, popping skips. The last up block's input is the deep feature.
     for (let i = 0; i < c.upBlockTypes.length; i++) {
       const prev = channels;
-      if (i === n - 1 && options.deepFeature === true) g.output(g.identity(h), 'deep_feature', 'float32', ['batch', prev, 'height', 'width']);
+      if (i === n - 1 && options.deepFeature === true) g.output(g.identity(prefix?.active === true ? prefix.lift(h) : h), 'deep_feature', 'float32', ['batch', prev, 'height', 'width']);
       h = g.scope(`up_blocks.${i}`, () => upBlock(ctx, i, h, prev, skips));
       channels = c.blockOutChannels[n - 1 - i]!;
       debug(`up_blocks.${i}`, h);
