@@ -4,7 +4,7 @@
  */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { DEVICES, type Device, type EngineOptions } from '../models/index.ts';
-import { memorySizeBytes } from '../pipelines/api/memory-size.ts';
+import { memorySizeBytes } from '../pipelines/index.ts';
 
 export class UsageError extends Error {}
 

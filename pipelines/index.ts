@@ -12,7 +12,7 @@ export { formatInfotext, parseInfotext, type InfotextParams, type ParsedInfotext
 export { resolveSampler, A1111_SAMPLERS, A1111_SCHEDULE_TYPES } from './schedulers/index.ts';
 export { installLoraFolders, outputNamer } from './api/output-files.ts';
 export { EngineHost, defaultSettingsFile, toApiError, type EngineHostOptions } from './api/handlers.ts';
-export { OPERATIONS, isOpName, validatePayload, ApiFailure, type ApiError, type ApiEvent, type ApiResponse, type OpName, type Operations } from './api/contract.ts';
+export { OPERATIONS, isOpName, validatePayload, memorySizeBytes, ApiFailure, type ApiError, type ApiEvent, type ApiResponse, type OpName, type Operations, type Settings } from './api/contract.ts';
 export { parseJobSpec, serializeJobSpec, readJobsFile, JOB_SPEC_VERSION, type JobSpecV1, type JobEntry } from './jobs/schema.ts';
 export { parseGridSpec, expandGrid, composeGridImage, type GridSpec } from './jobs/grid.ts';
 export { generateBatched, batchKey } from './jobs/batched.ts';

@@ -40,7 +40,8 @@ const MALFORMED: Readonly<Record<OpName, ReadonlyArray<[payload: unknown, field:
     [{ outputDir: '' }, 'outputDir'],
     [{ lastModel: false }, 'lastModel'],
     [{ memoryBytes: 512 * 2 ** 20 }, 'memoryBytes'],
-    [{ memoryBytes: '12G' }, 'memoryBytes'],
+    [{ memoryBytes: '12 apples' }, 'memoryBytes'],
+    [{ memoryBytes: '0.5G' }, 'memoryBytes'],
     [{ memoryBytes: 2 ** 31 + 0.5 }, 'memoryBytes'],
   ],
   'models.scan': [
@@ -254,6 +255,7 @@ test('the memory setting persists and plans the app\'s jobs; null plans for all 
   const first = new EngineHost({ settingsFile: file, settings, cacheDir: path.join(tmp, 'cache') });
   assert.equal((await first.call('settings.get', {})).memoryBytes, null, 'default: all of the machine');
   assert.equal((await first.call('app.info', {})).machineMemoryBytes, os.totalmem());
+  assert.equal((await first.call('settings.set', { memoryBytes: '2.5 GiB' })).memoryBytes, 2.5 * 2 ** 30, 'a size as typed is read into bytes');
   assert.equal((await first.call('settings.set', { memoryBytes: 3 * 2 ** 30 })).memoryBytes, 3 * 2 ** 30);
   await first.dispose();
 

@@ -21,7 +21,7 @@ import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { WebSocketServer, type WebSocket } from 'ws';
 import { DEVICES, type Device } from '../../models/index.ts';
-import { EngineHost, defaultSettingsFile, type ApiEvent, type Operations } from '../../pipelines/index.ts';
+import { EngineHost, defaultSettingsFile, type ApiEvent, type Settings } from '../../pipelines/index.ts';
 import { UsageError, parse, parseMemorySize } from '../args.ts';
 
 export const SERVE_HELP = `chorus serve — the Chorus app in your browser
@@ -346,7 +346,7 @@ export async function runServe(argv: readonly string[]): Promise<number> {
   const rendererDir = path.resolve(values.renderer ?? RENDERER_DIST);
   await ensureRenderer(rendererDir);
 
-  const settings: Partial<Operations['settings.set']['payload']> = {
+  const settings: Partial<Settings> = {
     ...(values.models === undefined ? {} : { modelsDir: path.resolve(values.models) }),
     ...(values.out === undefined ? {} : { outputDir: path.resolve(values.out) }),
     ...(values['lora-dir'] === undefined ? {} : { loraDirs: values['lora-dir'].map((d) => path.resolve(d)) }),

@@ -210,9 +210,6 @@ function writeTensor(w: Writer, name: string, dtype: DType, shape: readonly numb
 }
 
 /** Serialize `graph` into ONNX `ModelProto` bytes. */
-/** ONNX Runtime's contrib-op domain. */
-export const MS_DOMAIN = 'com.microsoft';
-
 export function serializeModel(graph: Graph, params: ParamProvider, options: { producerVersion?: string; docString?: string } = {}): Uint8Array {
   const w = new Writer();
   w.int(1, IR_VERSION);
@@ -234,13 +231,6 @@ export function serializeModel(graph: Graph, params: ParamProvider, options: { p
     o.string(1, '');
     o.int(2, graph.opset);
   });
-  // ONNX Runtime's contrib ops (version 1 of their domain), when a node uses one.
-  if (graph.nodes.some((n) => n.domain === MS_DOMAIN)) {
-    w.message(8, (o) => {
-      o.string(1, MS_DOMAIN);
-      o.int(2, 1);
-    });
-  }
   return w.finish();
 }
 

@@ -282,6 +282,22 @@ export interface JobSummary {
   readonly plan: JobPlan | null;
 }
 
+/** `settings.set`: any settings; the memory as bytes or as people write it ("12G", "16 GiB"). */
+export type SettingsUpdate = Partial<Omit<Settings, 'memoryBytes'>> & { readonly memoryBytes?: number | string | null };
+
+/** The smallest memory plan: below 1 GiB not even the tiny models' sessions fit. */
+export const MIN_MEMORY_BYTES = 2 ** 30;
+
+/**
+ * A memory size as people write it: bytes, or a number with K, M, G or T in binary units (16G =
+ * 16 GiB; KiB/MiB/GiB/TiB and KB/MB/GB/TB read the same way). Undefined unless at least 1 GiB.
+ */
+export function memorySizeBytes(value: string): number | undefined {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*(?:([KMGT])(?:i?B)?|B)?\s*$/i.exec(value);
+  const bytes = m === null ? NaN : Number(m[1]) * 1024 ** (m[2] === undefined ? 0 : 'KMGT'.indexOf(m[2].toUpperCase()) + 1);
+  return Number.isFinite(bytes) && bytes >= MIN_MEMORY_BYTES ? Math.floor(bytes) : undefined;
+}
+
 /** A job's memory plan (`generate`'s `MemoryPlan`). */
 export interface JobPlan {
   readonly memoryBytes: number;
@@ -355,7 +371,7 @@ type Empty = Readonly<Record<string, never>>;
 export interface Operations {
   'app.info': { payload: Empty; result: AppInfo };
   'settings.get': { payload: Empty; result: Settings };
-  'settings.set': { payload: Partial<Settings>; result: Settings };
+  'settings.set': { payload: SettingsUpdate; result: Settings };
   'models.scan': { payload: { readonly dir: string }; result: ModelScan };
   'models.open': { payload: { readonly path: string }; result: ModelStatus };
   'models.status': { payload: Empty; result: ModelStatus | null };
@@ -598,6 +614,12 @@ const empty: Check<Empty> = (value, field) => {
   return {};
 };
 
+/** Bytes (a whole number ≥ 1 GiB) or a size as people write it (`memorySizeBytes`) → bytes. */
+const memorySize: Check<number> = (value, field) => {
+  const bytes = typeof value === 'number' ? (Number.isSafeInteger(value) && value >= MIN_MEMORY_BYTES ? value : undefined) : typeof value === 'string' && value.length <= 40 ? memorySizeBytes(value) : undefined;
+  return bytes ?? bad(field, 'a memory size of at least 1G, such as 12G, 16 GiB or 12000M (or null for all of this machine\'s)', value);
+};
+
 /** One validator per operation: `VALIDATORS[op](payload, '')` returns the typed payload or throws BAD_PAYLOAD. */
 export const VALIDATORS: { readonly [K in OpName]: Check<Payload<K>> } = {
   'app.info': empty,
@@ -608,7 +630,7 @@ export const VALIDATORS: { readonly [K in OpName]: Check<Payload<K>> } = {
     modelsDir: o(v.nullable(filePath)),
     device: o(v.oneOf(DEVICE_WIRE_NAMES)),
     lastModel: o(v.nullable(filePath)),
-    memoryBytes: o(v.nullable(v.number({ integer: true, min: 2 ** 30, max: 2 ** 50 }))), // at least 1 GiB, as memory-size.ts
+    memoryBytes: o(v.nullable(memorySize)),
   }),
   'models.scan': v.object({ dir: filePath }),
   'models.open': v.object({ path: filePath }),

@@ -31,6 +31,7 @@ import { JobQueue, defaultQueueFile } from '../queue/store.ts';
 import {
   ApiFailure,
   DEVICE_WIRE_NAMES,
+  memorySizeBytes,
   validatePayload,
   type ApiError,
   type ApiEvent,
@@ -95,6 +96,11 @@ async function providerStatus(engine: Sd15Engine): Promise<ModelStatus['provider
   const choice = await engine.providerChoice();
   const planned = plan.webgpu === undefined ? `${plan.device}: planned` : `${plan.device}: planned; webgpu: ${plan.webgpu.reason}`;
   return { device: choice?.device ?? plan.device, reason: choice?.reason ?? planned, precision: plan.precision.reason };
+}
+
+/** A validated memory setting as bytes (the validator already turned a size as typed, "12G", into bytes). */
+function bytesOf(memory: number | string | null): number | null {
+  return typeof memory === 'string' ? (memorySizeBytes(memory) ?? null) : memory;
 }
 
 const DEFAULT_SETTINGS: Settings = { outputDir: path.resolve('outputs'), loraDirs: [], modelsDir: null, device: 'auto', lastModel: null, memoryBytes: null };
@@ -275,7 +281,8 @@ export class EngineHost {
     if (this.#settingsFile === null || !fs.existsSync(this.#settingsFile)) return {};
     try {
       const raw = JSON.parse(fs.readFileSync(this.#settingsFile, 'utf-8')) as unknown;
-      return validatePayload('settings.set', raw);
+      const { memoryBytes, ...rest } = validatePayload('settings.set', raw);
+      return { ...rest, ...(memoryBytes === undefined ? {} : { memoryBytes: bytesOf(memoryBytes) }) };
     } catch (e) {
       // A damaged settings file must not stop the app; it is kept aside, not overwritten unseen.
       const aside = `${this.#settingsFile}.bad-${Date.now()}`;
@@ -293,7 +300,7 @@ export class EngineHost {
       ...(p.modelsDir === undefined ? {} : { modelsDir: p.modelsDir === null ? null : path.resolve(p.modelsDir) }),
       ...(p.device === undefined ? {} : { device: p.device }),
       ...(p.lastModel === undefined ? {} : { lastModel: p.lastModel }),
-      ...(p.memoryBytes === undefined ? {} : { memoryBytes: p.memoryBytes }),
+      ...(p.memoryBytes === undefined ? {} : { memoryBytes: bytesOf(p.memoryBytes) }),
     };
     if (p.loraDirs !== undefined) {
       for (const [i, d] of next.loraDirs.entries()) {

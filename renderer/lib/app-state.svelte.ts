@@ -10,7 +10,6 @@ import { compositionPayload, conceptsFromJob } from './concept-payload.ts';
 import { pruneConcepts, toggleConceptWord, type ConceptMap } from './prompt-tokens.ts';
 import { nextColor, refitRegions, regionWarnings, regionsPayload, type Box, type Region } from './region-geometry.ts';
 import { addEntry, entryFromCard, moveBefore, newKey, removeEntry, setEnabled, setSplit, setWeight, type StackEntry } from './stack-model.ts';
-import { memorySizeBytes } from '../../pipelines/api/memory-size.ts';
 
 export type Screen = 'create' | 'models' | 'gallery' | 'compare' | 'queue';
 export type RegionTool = 'select' | 'box' | 'mask' | 'erase';
@@ -175,17 +174,12 @@ export class AppState {
   }
 
   /**
-   * The memory jobs are planned for, as typed ("12G", "16 GiB"); empty: all of this machine's.
-   * Returns whether it was taken (a size below 1 GiB or unreadable text is reported, not sent).
+   * The memory jobs are planned for, as typed ("12G", "16 GiB"; the host reads it, and refuses
+   * sizes below 1 GiB in words); empty: all of this machine's. Returns whether it was taken.
    */
   async setMemory(text: string): Promise<boolean> {
     const trimmed = text.trim();
-    const bytes = trimmed === '' ? null : memorySizeBytes(trimmed);
-    if (bytes === undefined) {
-      this.errors = { ...this.errors, settings: { code: 'BAD_PAYLOAD', message: `Memory: "${trimmed}" is not a size of at least 1G. Write it like 12G, 16 GiB or 12000M, or leave it empty to use all of this machine's.`, details: { field: 'memoryBytes' } } };
-      return false;
-    }
-    const s = await this.#try('settings', () => this.api.call('settings.set', { memoryBytes: bytes }));
+    const s = await this.#try('settings', () => this.api.call('settings.set', { memoryBytes: trimmed === '' ? null : trimmed }));
     if (s === undefined) return false;
     this.settings = s;
     return true;

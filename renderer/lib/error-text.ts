@@ -35,3 +35,8 @@ const TITLES: Readonly<Record<string, string>> = {
 export function errorTitle(code: string): string {
   return TITLES[code] ?? 'Something went wrong';
 }
+
+/** "12.0 GiB": a memory size for people. */
+export function memoryText(bytes: number): string {
+  return `${(bytes / 2 ** 30).toFixed(1)} GiB`;
+}

@@ -97,7 +97,7 @@ test('the app in serve mode: model, stack, region, generate, gallery, reload set
   await page.getByTestId('set-memory').click();
   const memoryError = page.locator('.error-note[data-code=BAD_PAYLOAD]');
   await memoryError.waitFor();
-  assert.match((await memoryError.textContent()) ?? '', /"lots" is not a size of at least 1G/);
+  assert.match((await memoryError.textContent()) ?? '', /memoryBytes: expected a memory size of at least 1G, such as 12G.*got "lots"/);
   await page.getByTestId('memory').fill('3G');
   await page.getByTestId('set-memory').click();
   await memoryNow.filter({ hasText: 'planned for 3.0 GiB' }).waitFor();
