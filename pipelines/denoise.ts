@@ -119,6 +119,36 @@ interface PlannedCall {
 }
 
 /**
+ * Consecutive members in calls of at most `capacity`, keeping runs of members with equal `key`
+ * (a CFG pair: one latent, one LoRA mix) in one call where the run fits, since the UNet runs such a
+ * run's layers before the first cross-attention once per call (`sharedPrefix`). A run is split only
+ * when it alone exceeds the capacity; a call is closed early rather than split a run across two.
+ * With every key distinct this is the plain split into calls of `capacity`.
+ */
+export function packRuns(members: readonly number[], key: (member: number) => string, capacity: number): number[][] {
+  const runs: number[][] = [];
+  for (const m of members) {
+    const last = runs.at(-1);
+    if (last !== undefined && key(last[0]!) === key(m)) last.push(m);
+    else runs.push([m]);
+  }
+  const calls: number[][] = [];
+  let current: number[] = [];
+  for (const run of runs) {
+    for (let start = 0; start < run.length; start += capacity) {
+      const piece = run.slice(start, start + capacity);
+      if (current.length + piece.length > capacity) {
+        if (current.length > 0) calls.push(current);
+        current = [];
+      }
+      current.push(...piece);
+    }
+  }
+  if (current.length > 0) calls.push(current);
+  return calls;
+}
+
+/**
  * Step 3's plan: branches that can share a UNet call (same context length, same pass: full, full
  * keeping its deep feature, shallow, or regions with the same slot length and options) are stacked
  * into one call of up to `maxBatch` samples.
@@ -135,8 +165,8 @@ function planCalls(branches: readonly Branch[], modelInput: Float32Array, shape:
   const branchesPerCall = Math.max(1, Math.floor(maxBatch / batch));
   const calls: PlannedCall[] = [];
   for (const members of groups.values()) {
-    for (let start = 0; start < members.length; start += branchesPerCall) {
-      const call = members.slice(start, start + branchesPerCall).map((i) => ({ i, b: branches[i]! }));
+    for (const chunk of packRuns(members, (i) => JSON.stringify([branches[i]!.mix ?? null, branches[i]!.imageMixes ?? null]), branchesPerCall)) {
+      const call = chunk.map((i) => ({ i, b: branches[i]! }));
       const first = call[0]!.b;
       const sample = new Float32Array(call.length * modelInput.length);
       call.forEach((_, k) => sample.set(modelInput, k * modelInput.length));

@@ -6,7 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import type { Tensor } from '../models/index.ts';
-import { denoise } from '../pipelines/denoise.ts';
+import { denoise, packRuns } from '../pipelines/denoise.ts';
 import { defaultGradientBatch, defaultMaxBatch, exclusiveGradientBatch, exclusivePasses, gradientMemoryIsShort, unetBytesPerSample, unetVjpBytesPerSample } from '../pipelines/text-to-image.ts';
 import { PipelineError } from '../pipelines/errors.ts';
 import type { DenoiseRequest, DenoiserModel } from '../pipelines/models.ts';
@@ -104,6 +104,20 @@ test('maxBatch splits a step into several calls', async () => {
     noise: () => new Float32Array(8),
   });
   assert.deepEqual(calls.map((c) => c.batch), [4, 4]);
+});
+
+test('calls keep a CFG pair (one LoRA mix) together where it fits, and split only what does not', () => {
+  // Composite's step at N = 3 (u0 c0 u1 c1 u2 c2) with room for 3 samples: three calls of a pair,
+  // not [u0 c0 u1] [c1 u2 c2], which would split LoRA 1's pair across two calls.
+  const mixOf = (i: number) => String(i >> 1);
+  assert.deepEqual(packRuns([0, 1, 2, 3, 4, 5], mixOf, 3), [[0, 1], [2, 3], [4, 5]]);
+  assert.deepEqual(packRuns([0, 1, 2, 3, 4, 5], mixOf, 4), [[0, 1, 2, 3], [4, 5]]);
+  assert.deepEqual(packRuns([0, 1, 2, 3, 4, 5], mixOf, 6), [[0, 1, 2, 3, 4, 5]]);
+  // Every key distinct: the plain split.
+  assert.deepEqual(packRuns([0, 1, 2, 3, 4], String, 2), [[0, 1], [2, 3], [4]]);
+  // A run longer than a call is split into full calls, the rest packed with what follows.
+  assert.deepEqual(packRuns([0, 1, 2, 3, 4, 5], (i) => (i < 5 ? 'a' : 'b'), 2), [[0, 1], [2, 3], [4, 5]]);
+  assert.deepEqual(packRuns([0, 1, 2, 3, 4], (i) => (i < 2 ? 'a' : 'b'), 2), [[0, 1], [2, 3], [4]]);
 });
 
 test('ancestral schedulers get fresh noise each step; cancellation stops with JOB_CANCELLED', async () => {
